@@ -1,0 +1,54 @@
+"""Backends, named here and imported only on engines.
+
+The kernel validates `--backend` / `--strategy` against `BACKENDS` without importing a
+framework; an engine turns a name into a `Backend` with `load_backend`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from nbdist.backends.base import Backend, RankInfo
+from nbdist.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    target: str
+    """`module:Class`, imported on engines only."""
+    strategies: tuple[str, ...]
+
+    @property
+    def default_strategy(self) -> str:
+        return self.strategies[0]
+
+
+BACKENDS: dict[str, BackendSpec] = {
+    "torch": BackendSpec("nbdist.backends.torch_backend:TorchBackend", ("ddp",)),
+}
+
+
+def check_choice(backend: str, strategy: str | None) -> str:
+    """Return the strategy to use, or raise with the valid choices named."""
+    spec = BACKENDS.get(backend)
+    if spec is None:
+        raise ConfigError(f"--backend {backend!r} is not known: choose one of {', '.join(BACKENDS)}.")
+    if strategy is None:
+        return spec.default_strategy
+    if strategy not in spec.strategies:
+        raise ConfigError(
+            f"--strategy {strategy!r} is not available for {backend}: choose one of "
+            f"{', '.join(spec.strategies)}."
+        )
+    return strategy
+
+
+def load_backend(name: str) -> Backend:
+    module_name, _, attr = BACKENDS[name].target.partition(":")
+    cls = getattr(importlib.import_module(module_name), attr)
+    backend: Backend = cls()
+    return backend
+
+
+__all__ = ["BACKENDS", "Backend", "BackendSpec", "RankInfo", "check_choice", "load_backend"]

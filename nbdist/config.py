@@ -1,0 +1,104 @@
+"""Pool options, resolved once into a frozen object that is passed down.
+
+This is the only module that reads the environment (GPU visibility, core count);
+everything below it receives a `PoolConfig`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from nbdist.devices import visible_gpus
+from nbdist.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    n: int
+    """Number of engines (ranks) on this machine."""
+    gpus: tuple[str, ...]
+    """One GPU id per engine, in rank order; empty for CPU engines."""
+    threads_per_engine: int
+    """Intra-op threads per engine: the engines' fair share of the cores."""
+    start_timeout: float = 60.0
+    grace: float = 2.0
+    """Seconds the other ranks get to finish after one rank fails before they are freed by force."""
+
+    @property
+    def uses_gpus(self) -> bool:
+        return bool(self.gpus)
+
+
+def parse_gpus(spec: str | None) -> str | tuple[str, ...] | None:
+    """`all`, `none` or a comma list such as `0,1`."""
+    if spec is None:
+        return None
+    spec = spec.strip()
+    if spec in ("all", "none"):
+        return spec
+    ids = tuple(part.strip() for part in spec.split(","))
+    if not ids or not all(part.isdigit() for part in ids):
+        raise ConfigError(f"--gpus {spec!r} is not valid: use 'all', 'none' or a list like '0,1'.")
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"--gpus {spec!r} names a GPU twice: give each GPU once, e.g. '0,1'.")
+    return ids
+
+
+def resolve_config(
+    n: int | None = None,
+    gpus: str | tuple[str, ...] | None = None,
+    *,
+    start_timeout: float = 60.0,
+    grace: float = 2.0,
+    environ: Mapping[str, str] | None = None,
+    cpu_count: Callable[[], int | None] = os.cpu_count,
+) -> PoolConfig:
+    """Decide engine count, GPU pinning and threads from the user's options and the machine."""
+    env = os.environ if environ is None else environ
+    if isinstance(gpus, str) and gpus not in ("all", "none"):
+        gpus = parse_gpus(gpus)
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise ConfigError(f"-n {n!r} is not valid: the number of engines must be a whole number, at least 1.")
+    if start_timeout <= 0:
+        raise ConfigError(f"start timeout {start_timeout!r} must be positive.")
+
+    visible = visible_gpus(env)
+    if gpus is None:
+        # Default: one engine per visible GPU when there are any, CPU engines otherwise.
+        chosen: tuple[str, ...] = visible
+    elif gpus == "none":
+        chosen = ()
+    elif gpus == "all":
+        if not visible:
+            raise ConfigError("--gpus all: no GPU is visible on this machine; leave --gpus out to use CPU engines.")
+        chosen = visible
+    else:
+        assert isinstance(gpus, tuple)
+        missing = [g for g in gpus if g not in visible]
+        if missing:
+            shown = ",".join(visible) or "none"
+            raise ConfigError(f"--gpus {','.join(gpus)}: GPU {','.join(missing)} is not visible (visible: {shown}).")
+        chosen = gpus
+
+    if chosen:
+        if n is not None and n != len(chosen):
+            if n > len(chosen):
+                raise ConfigError(
+                    f"-n {n} asks for more engines than the {len(chosen)} GPUs chosen; "
+                    "use --gpus none for CPU engines."
+                )
+            chosen = chosen[:n]
+        count = len(chosen)
+    else:
+        count = n if n is not None else 2
+
+    cores = cpu_count() or 1
+    return PoolConfig(
+        n=count,
+        gpus=chosen,
+        threads_per_engine=max(1, cores // count),
+        start_timeout=start_timeout,
+        grace=grace,
+    )

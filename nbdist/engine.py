@@ -1,0 +1,211 @@
+"""What runs inside an engine process: identity, process-group joining, cell execution.
+
+The kernel calls these functions through ipyparallel. An engine is a process owned by
+one pool, so its context (which rank it is, which backend it joined) is kept for the
+process's life in `_CONTEXT`; nothing in the notebook kernel reads it.
+"""
+
+from __future__ import annotations
+
+import ast
+import linecache
+import os
+import pickle
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from nbdist.backends import Backend, RankInfo, load_backend
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    host: str
+    pid: int
+
+
+@dataclass
+class EngineContext:
+    info: RankInfo | None = None
+    backend: Backend | None = None
+    strategy: str = ""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+_CONTEXT = EngineContext()
+
+
+def current() -> EngineContext:
+    """This engine's context; helpers read the strategy from it."""
+    return _CONTEXT
+
+
+@dataclass
+class CellOutcome:
+    """One rank's result of a cell. Failures are returned, not raised, so the kernel can
+    tell a rank that raised from a rank that is still blocked."""
+
+    rank: int
+    ok: bool
+    value: Any = None
+    display: dict[str, Any] | None = None
+    ename: str = ""
+    evalue: str = ""
+    traceback: str = ""
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class RemoteValue:
+    """A last-expression value that cannot leave the engine: shown by its rich display."""
+
+    data: dict[str, Any]
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        return self.data
+
+    def __repr__(self) -> str:
+        return str(self.data.get("text/plain", "<value on engine>"))
+
+
+def describe(gpu: str | None, threads: int) -> EngineFacts:
+    """Pin the engine to its GPU and thread share. Must run before any framework import."""
+    if gpu is not None:
+        if "torch" in sys.modules or "tensorflow" in sys.modules:
+            raise RuntimeError("a framework was imported on this engine before its GPU was assigned")
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(threads)
+    return EngineFacts(host=socket.gethostname(), pid=os.getpid())
+
+
+def free_port(bind_addr: str) -> int:
+    """A port that is free on this engine's host, where the rendezvous will listen."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((bind_addr, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def join(info: RankInfo, backend_name: str) -> str:
+    """Form the backend's process group (once) and publish the rank's names to cells."""
+    backend = load_backend(backend_name)
+    backend.setup(info)
+    _CONTEXT.info = info
+    _CONTEXT.backend = backend
+    ns = _user_namespace()
+    import nbdist
+
+    ns.update(
+        nbdist=nbdist,
+        rank=info.rank,
+        local_rank=info.local_rank,
+        world_size=info.world_size,
+        **backend.namespace(info),
+    )
+    return backend.describe_device(info)
+
+
+def _user_namespace() -> dict[str, Any]:
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    if shell is None:  # pragma: no cover - engines always have a shell
+        raise RuntimeError("nbdist.engine functions must run inside an ipyparallel engine")
+    ns: dict[str, Any] = shell.user_ns
+    return ns
+
+
+def _split_last_expression(tree: ast.Module) -> tuple[ast.Module, ast.Expression | None]:
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = tree.body.pop()
+        assert isinstance(last, ast.Expr)
+        return tree, ast.Expression(last.value)
+    return tree, None
+
+
+def _format_failure(exc: BaseException, filename: str) -> str:
+    """The traceback from the cell's own frames on, without nbdist's frames above them."""
+    te = traceback.TracebackException.from_exception(exc)
+    frames = list(te.stack)
+    for i, frame in enumerate(frames):
+        if frame.filename == filename:
+            te.stack = traceback.StackSummary.from_list(frames[i:])
+            break
+    return "".join(te.format())
+
+
+def _portable(value: Any, shell: Any) -> tuple[Any, dict[str, Any] | None]:
+    """Return the value itself when it can travel, otherwise its rich display."""
+    from ipyparallel import serialize
+
+    try:
+        serialize.serialize_object(value)
+        pickle.dumps(type(value))
+    except Exception:
+        data, _ = shell.display_formatter.format(value)
+        return RemoteValue(data), data
+    return value, None
+
+
+def run_cell(source: str, cell_id: str, strategy: str, want_value: bool) -> CellOutcome:
+    """Execute a cell's source in the engine's user namespace."""
+    from IPython import get_ipython
+
+    started = time.perf_counter()
+    info = _CONTEXT.info
+    rank = info.rank if info is not None else -1
+    _CONTEXT.strategy = strategy
+    shell = get_ipython()
+    ns = _user_namespace()
+    filename = f"<distributed cell {cell_id}>"
+    code = shell.transform_cell(source)
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    try:
+        body, last = _split_last_expression(ast.parse(code, filename))
+        exec(compile(body, filename, "exec"), ns)
+        value = eval(compile(last, filename, "eval"), ns) if last is not None else None
+    except BaseException as exc:  # noqa: BLE001 - every failure is reported, KeyboardInterrupt too
+        _flush_streams()
+        return CellOutcome(
+            rank=rank,
+            ok=False,
+            ename=type(exc).__name__,
+            evalue=str(exc),
+            traceback=_format_failure(exc, filename),
+            interrupted=isinstance(exc, KeyboardInterrupt),
+            seconds=time.perf_counter() - started,
+        )
+    _flush_streams()
+    display = None
+    if want_value and value is not None:
+        value, display = _portable(value, shell)
+    else:
+        value = None
+    return CellOutcome(rank=rank, ok=True, value=value, display=display,
+                       seconds=time.perf_counter() - started)
+
+
+def _flush_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed stream must not hide the cell's result
+            pass
+
+
+def export(name: str) -> Any:
+    """A user variable made fit for the notebook (e.g. a DDP model unwrapped, on CPU)."""
+    ns = _user_namespace()
+    if name not in ns:
+        raise NameError(f"name {name!r} is not defined on this engine")
+    value = ns[name]
+    backend = _CONTEXT.backend
+    return backend.export(value) if backend is not None else value

@@ -1,0 +1,52 @@
+"""Errors a user sees. Each message names the problem and the fix in one line."""
+
+from __future__ import annotations
+
+
+class NbdistError(Exception):
+    """Base class, so a script can catch everything nbdist raises on purpose."""
+
+
+class ConfigError(NbdistError, ValueError):
+    """An option or argument that cannot work."""
+
+
+class PoolStateError(NbdistError, RuntimeError):
+    """The pool is in the wrong state for the request (not started, started twice, ...)."""
+
+
+class PoolStartError(NbdistError, RuntimeError):
+    """Engines did not come up; nothing is left running when this is raised."""
+
+
+class DistributedCellError(NbdistError):
+    """A `%%distributed` cell failed on at least one rank.
+
+    IPython calls `_render_traceback_` instead of printing our own frames, so the
+    user sees the failing rank's traceback (pointing at the cell's line) and not
+    nbdist's internals.
+    """
+
+    def __init__(self, summary: str, tracebacks: dict[int, str], *, lost_state: bool = False):
+        super().__init__(summary)
+        self.summary = summary
+        self.tracebacks = tracebacks
+        self.lost_state = lost_state
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted(self.tracebacks)
+
+    def _render_traceback_(self) -> list[str]:
+        lines: list[str] = []
+        for rank in self.ranks:
+            lines.append(f"---- rank {rank} ----")
+            lines.extend(self.tracebacks[rank].rstrip("\n").splitlines())
+        lines.append(self.summary)
+        return lines
+
+    def __str__(self) -> str:
+        parts = [self.summary]
+        for rank in self.ranks:
+            parts.append(f"---- rank {rank} ----\n{self.tracebacks[rank].rstrip()}")
+        return "\n".join(parts)

@@ -1,0 +1,24 @@
+"""The run history of a pool, kept in the notebook (filled by the metrics listener)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class History:
+    """Rows of reported metrics, one per (rank, report), across every cell of a pool."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def extend(self, rows: list[dict[str, Any]]) -> None:
+        self.rows.extend(rows)
+
+    def frame(self) -> Any:
+        """A pandas DataFrame (pandas is imported only when asked for)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)

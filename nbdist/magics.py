@@ -1,0 +1,208 @@
+"""`%nbdist` and `%%distributed`: parse options, call the `Pool`, display what comes back."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from typing import Any, NoReturn
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+
+from nbdist.backends import BACKENDS
+from nbdist.config import parse_gpus, resolve_config
+from nbdist.errors import DistributedCellError, NbdistError
+from nbdist.pool import Pool
+
+
+class _HelpShown(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports mistakes as one-line UsageErrors instead of exiting the kernel."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}. See `{self.prog} -h`.")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            raise UsageError(f"{self.prog}: {message.strip()}")
+        raise _HelpShown()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def _gpus(text: str) -> Any:
+    try:
+        return parse_gpus(text)
+    except NbdistError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _nbdist_parser() -> _Parser:
+    parser = _Parser(prog="%nbdist", add_help=True, description="Manage the nbdist engine pool.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+    start = sub.add_parser("start", help="start a pool of engines")
+    start.add_argument("-n", type=_positive_int, default=None, help="number of engines")
+    start.add_argument("--gpus", type=_gpus, default=None, help="all | none | 0,1")
+    start.add_argument("--timeout", type=_positive_float, default=60.0, help="start timeout (s)")
+    sub.add_parser("status", help="show every engine")
+    sub.add_parser("stop", help="stop the pool")
+    sub.add_parser("restart", help="fresh engines (engine state is lost)")
+    push = sub.add_parser("push", help="copy notebook variables to every engine")
+    push.add_argument("names", nargs="+")
+    pull = sub.add_parser("pull", help="copy an engine variable into the notebook")
+    pull.add_argument("name")
+    pull.add_argument("--rank", type=_non_negative_int, default=0)
+    return parser
+
+
+def _distributed_parser() -> _Parser:
+    parser = _Parser(prog="%%distributed", description="Run the cell on every engine.")
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="torch")
+    parser.add_argument("--strategy", default=None)
+    parser.add_argument("--output", choices=["rank0", "all"], default="rank0")
+    parser.add_argument("--timeout", type=_positive_float, default=None)
+    return parser
+
+
+def _parse(parser: _Parser, line: str) -> argparse.Namespace | None:
+    try:
+        words = shlex.split(line)
+    except ValueError as exc:
+        raise UsageError(f"{parser.prog}: cannot read the options ({exc}).") from None
+    try:
+        return parser.parse_args(words)
+    except _HelpShown:
+        return None
+
+
+@magics_class
+class NbdistMagics(Magics):
+    """The magics hold the notebook's pool; all the work is the pool's."""
+
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self.pool: Pool | None = None
+
+    def _require_pool(self) -> Pool:
+        if self.pool is None or not self.pool.is_running:
+            raise UsageError("no pool is running: start one with `%nbdist start -n 2`.")
+        return self.pool
+
+    @line_magic("nbdist")
+    def nbdist(self, line: str) -> Any:
+        """Manage the engine pool: `%nbdist start|status|stop|restart|push|pull` (see -h)."""
+        args = _parse(_nbdist_parser(), line)
+        if args is None:
+            return None
+        if args.command is None:
+            if self.pool is not None and self.pool.is_running:
+                return self._status()
+            raise UsageError("%nbdist needs a command: start, status, stop, restart, push or pull.")
+        try:
+            return getattr(self, f"_{args.command}")(args)
+        except NbdistError as exc:
+            raise UsageError(str(exc)) from None
+
+    def _start(self, args: argparse.Namespace) -> None:
+        if self.pool is not None and self.pool.is_running:
+            raise UsageError(
+                "a pool is already running: use `%nbdist restart` for fresh engines, or "
+                "`%nbdist stop` first."
+            )
+        config = resolve_config(args.n, args.gpus, start_timeout=args.timeout)
+        self.pool = Pool(config=config).start()
+        kind = f"GPUs {','.join(config.gpus)}" if config.uses_gpus else "CPU"
+        print(f"nbdist: {config.n} engines ready ({kind}, {config.threads_per_engine} threads each).")
+
+    def _status(self, args: argparse.Namespace | None = None) -> Any:
+        import pandas as pd
+
+        rows = self._require_pool().status()
+        return pd.DataFrame(
+            [{"rank": r.rank, "engine": r.engine_id, "host": r.host, "pid": r.pid,
+              "device": r.device, "state": r.state} for r in rows]
+        ).set_index("rank")
+
+    def _stop(self, args: argparse.Namespace) -> None:
+        self._require_pool().stop()
+        print("nbdist: pool stopped.")
+
+    def _restart(self, args: argparse.Namespace) -> None:
+        pool = self._require_pool()
+        pool.restart()
+        print(f"nbdist: {len(pool.engines)} fresh engines ready (engine state was cleared).")
+
+    def _push(self, args: argparse.Namespace) -> None:
+        pool = self._require_pool()
+        missing = [name for name in args.names if name not in self.shell.user_ns]
+        if missing:
+            raise UsageError(f"%nbdist push: {', '.join(missing)} not defined in the notebook.")
+        pool.push({name: self.shell.user_ns[name] for name in args.names})
+
+    def _pull(self, args: argparse.Namespace) -> Any:
+        pool = self._require_pool()
+        try:
+            value = pool.pull(args.name, rank=args.rank)
+        except NbdistError:
+            raise
+        except Exception as exc:  # a RemoteError: the name is missing on that engine
+            raise UsageError(
+                f"%nbdist pull: could not get {args.name!r} from rank {args.rank}: "
+                f"{getattr(exc, 'evalue', exc)}"
+            ) from None
+        self.shell.user_ns[args.name] = value
+        return value
+
+    @cell_magic("distributed")
+    def distributed(self, line: str, cell: str) -> Any:
+        """Run the cell on every engine, with the process group formed."""
+        args = _parse(_distributed_parser(), line)
+        if args is None:
+            return None
+        pool = self._require_pool()
+        try:
+            result = pool.run(
+                cell, backend=args.backend, strategy=args.strategy, output=args.output,
+                timeout=args.timeout,
+            )
+        except DistributedCellError:
+            raise
+        except NbdistError as exc:
+            raise UsageError(str(exc)) from None
+        return result.value
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.stop()
+            self.pool = None

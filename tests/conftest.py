@@ -1,0 +1,34 @@
+"""Shared fixtures: one real 2-engine pool (gloo on CPU) for the integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+
+import nbdist
+from nbdist.magics import NbdistMagics
+
+
+@pytest.fixture(scope="session")
+def pool() -> Iterator[nbdist.Pool]:
+    with nbdist.Pool(n=2) as p:
+        yield p
+
+
+@pytest.fixture(scope="session")
+def shell() -> InteractiveShell:
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "nbdist")
+    return ip
+
+
+@pytest.fixture
+def magics(shell: InteractiveShell, pool: nbdist.Pool) -> Iterator[NbdistMagics]:
+    """The shell's magics, attached to the shared pool (so tests do not pay a start each)."""
+    m = shell.magics_manager.registry["NbdistMagics"]
+    assert isinstance(m, NbdistMagics)
+    m.pool = pool
+    yield m
+    m.pool = None

@@ -1,0 +1,116 @@
+"""DDP on a real 2-engine gloo pool, checked against single-process training."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import nbdist
+
+pytestmark = pytest.mark.integration
+
+# Shared by the engines and the single-process reference: the same data, model and steps.
+SETUP = """
+import torch
+from torch import nn
+
+def make_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    y = x @ torch.randn(8, 1, generator=g) + 0.1 * torch.randn(256, 1, generator=g)
+    return torch.utils.data.TensorDataset(x, y)
+
+def make_model():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+"""
+
+TRAIN = """
+model = nbdist.torch.prepare(make_model())
+loader = nbdist.torch.loader(make_data(), batch_size=16, shuffle=False)
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+for epoch in range(2):
+    for x, y in loader:
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+"""
+
+
+def reference_parameters() -> list[float]:
+    """One process, global batch of 32 = rank 0's 16 rows + rank 1's 16 rows (the
+    DistributedSampler without shuffling deals rows round-robin)."""
+    ns: dict[str, object] = {}
+    exec(SETUP, ns)
+    import torch
+    from torch import nn
+
+    data = ns["make_data"]()  # type: ignore[operator]
+    model = ns["make_model"]()  # type: ignore[operator]
+    x_all, y_all = data.tensors
+    idx = {r: list(range(r, len(x_all), 2)) for r in (0, 1)}
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(2):
+        for b in range(len(idx[0]) // 16):
+            rows = idx[0][b * 16:(b + 1) * 16] + idx[1][b * 16:(b + 1) * 16]
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x_all[rows]), y_all[rows]).backward()
+            opt.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
+
+
+def test_ddp_matches_single_process_training(pool: nbdist.Pool) -> None:
+    pool.run(SETUP)
+    pool.run(TRAIN)
+    rank0 = pool.pull("flat", rank=0).tolist()
+    rank1 = pool.pull("flat", rank=1).tolist()
+    assert rank0 == rank1, "DDP ranks disagree"
+    expected = reference_parameters()
+    assert max(abs(a - b) for a, b in zip(rank0, expected)) < 1e-5
+
+
+def test_cell_namespace_is_torchrun_compatible(pool: nbdist.Pool) -> None:
+    code = (
+        "import os, torch\n"
+        "(rank, local_rank, world_size, str(device), os.environ['RANK'], os.environ['LOCAL_RANK'],\n"
+        " os.environ['WORLD_SIZE'], os.environ['MASTER_ADDR'], torch.get_num_threads(),\n"
+        " torch.distributed.get_backend())"
+    )
+    assert pool.run(code).value == (0, 0, 2, "cpu", "0", "0", "2", "127.0.0.1",
+                                    pool.config.threads_per_engine, "gloo")
+    ranks = pool.run("import torch.distributed as dist\nt = torch.tensor([float(rank)])\n"
+                     "dist.all_reduce(t)\nt.item()")
+    assert ranks.value == 1.0
+
+
+def test_process_group_is_kept_between_cells(pool: nbdist.Pool) -> None:
+    pool.run("import torch.distributed as dist\n_pg_first = id(dist.group.WORLD)")
+    assert pool.run("id(dist.group.WORLD) == _pg_first").value is True
+
+
+def test_state_persists_push_and_pull(pool: nbdist.Pool) -> None:
+    pool.run("counter = rank * 10")
+    pool.run("counter += 1")
+    assert pool.pull("counter") == 1
+    assert pool.pull("counter", rank=1) == 11
+    pool.push({"greeting": "hi"})
+    assert [pool.pull("greeting", rank=r) for r in (0, 1)] == ["hi", "hi"]
+
+
+def test_pulled_model_is_unwrapped_and_usable(pool: nbdist.Pool) -> None:
+    pool.run(SETUP)
+    pool.run("model = nbdist.torch.prepare(make_model())")
+    model = pool.pull("model")
+    import torch
+
+    assert not isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    assert model(torch.zeros(3, 8)).shape == (3, 1)
+
+
+def test_importing_nbdist_imports_no_framework() -> None:
+    code = "import sys, nbdist, nbdist.magics, nbdist.runner; print(sorted(m for m in ('torch', 'tensorflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
