@@ -155,8 +155,13 @@ def _portable(value: Any, shell: Any) -> tuple[Any, dict[str, Any] | None]:
     return value, None
 
 
-def run_cell(source: str, cell_id: str, strategy: str, want_value: bool) -> CellOutcome:
-    """Execute a cell's source in the engine's user namespace."""
+def run_cell(
+    source: str, cell_id: str, strategy: str, want_value: bool, line_offset: int = 0
+) -> CellOutcome:
+    """Execute a cell's source in the engine's user namespace.
+
+    `line_offset` blank lines are put first so traceback line numbers match the lines the
+    user sees in the notebook cell (whose first line is `%%distributed`)."""
     from IPython import get_ipython
 
     started = time.perf_counter()
@@ -166,7 +171,7 @@ def run_cell(source: str, cell_id: str, strategy: str, want_value: bool) -> Cell
     shell = get_ipython()
     ns = _user_namespace()
     filename = f"<distributed cell {cell_id}>"
-    code = shell.transform_cell(source)
+    code = "\n" * line_offset + shell.transform_cell(source)
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
     try:
         body, last = _split_last_expression(ast.parse(code, filename))

@@ -194,7 +194,7 @@ class NbdistMagics(Magics):
         try:
             result = pool.run(
                 cell, backend=args.backend, strategy=args.strategy, output=args.output,
-                timeout=args.timeout,
+                timeout=args.timeout, line_offset=1,
             )
         except DistributedCellError:
             raise

@@ -354,13 +354,14 @@ class Pool:
         output: str = "rank0",
         timeout: float | None = None,
         observers: Iterable[Any] = (),
+        line_offset: int = 0,
     ) -> CellResult:
         """Run `source` on every rank and return rank 0's last-expression value and outputs."""
         strategy = check_choice(backend, strategy)
         from nbdist.runner import CellRunner
 
         return CellRunner(self, output=output, observers=list(observers)).run(
-            source, backend=backend, strategy=strategy, timeout=timeout
+            source, backend=backend, strategy=strategy, timeout=timeout, line_offset=line_offset
         )
 
     def __repr__(self) -> str:

@@ -123,13 +123,14 @@ class CellRunner:
         self.output = output
         self.observers = list(observers)
 
-    def run(self, source: str, *, backend: str, strategy: str, timeout: float | None) -> CellResult:
+    def run(self, source: str, *, backend: str, strategy: str, timeout: float | None,
+            line_offset: int = 0) -> CellResult:
         pool = self.pool
         pool.ensure_backend(backend)
         cell_id = pool.next_cell_id()
         started = time.monotonic()
         pending = [
-            view.apply_async(engine_side.run_cell, source, cell_id, strategy, rank == 0)
+            view.apply_async(engine_side.run_cell, source, cell_id, strategy, rank == 0, line_offset)
             for rank, view in enumerate(pool.views)
         ]
         stream = OutputStream(pending, self.output)
