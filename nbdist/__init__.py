@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from nbdist import metrics as _metrics
 from nbdist.config import PoolConfig
+from nbdist.dashboard import Dashboard
 from nbdist.errors import (
     ConfigError,
     DistributedCellError,
@@ -21,12 +23,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "Dashboard",
     "DistributedCellError",
     "NbdistError",
     "Pool",
     "PoolConfig",
     "PoolStartError",
     "PoolStateError",
+    "history",
+    "report",
     "load_ipython_extension",
     "unload_ipython_extension",
 ]
@@ -53,3 +58,21 @@ def __getattr__(name: str) -> Any:
 
         return importlib.import_module(f"nbdist.{name}")
     raise AttributeError(f"module 'nbdist' has no attribute {name!r}")
+
+
+def report(**values: Any) -> None:
+    """Send metrics to the live dashboard: `nbdist.report(step=i, loss=l, samples=n)`.
+
+    Call it every step: it only appends to a buffer. Outside a `%%distributed` cell it
+    does nothing, so the same code runs under torchrun or in a plain script."""
+    _metrics.report(**values)
+
+
+def history(pool: Pool | None = None) -> Any:
+    """Every metric reported so far on `pool` (default: the notebook's `%nbdist` pool),
+    as a pandas DataFrame with columns cell, rank, kind, t, step, loss, samples, ..."""
+    if pool is None:
+        from nbdist.magics import notebook_pool
+
+        pool = notebook_pool()
+    return pool.history.frame()

@@ -18,7 +18,9 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+from nbdist import metrics
 from nbdist.backends import Backend, RankInfo, load_backend
+from nbdist.load import LoadSampler
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -173,11 +175,17 @@ def run_cell(
     filename = f"<distributed cell {cell_id}>"
     code = "\n" * line_offset + shell.transform_cell(source)
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    from ipyparallel.datapub import publish_data
+
+    reporter = metrics.Reporter(publish_data)
+    metrics.activate(reporter)
+    sampler = LoadSampler(reporter.report, info.gpu if info is not None else None).start()
     try:
         body, last = _split_last_expression(ast.parse(code, filename))
         exec(compile(body, filename, "exec"), ns)
         value = eval(compile(last, filename, "eval"), ns) if last is not None else None
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, KeyboardInterrupt too
+        _end_metrics(sampler, reporter)
         _flush_streams()
         return CellOutcome(
             rank=rank,
@@ -188,6 +196,7 @@ def run_cell(
             interrupted=isinstance(exc, KeyboardInterrupt),
             seconds=time.perf_counter() - started,
         )
+    _end_metrics(sampler, reporter)
     _flush_streams()
     display = None
     if want_value and value is not None:
@@ -196,6 +205,12 @@ def run_cell(
         value = None
     return CellOutcome(rank=rank, ok=True, value=value, display=display,
                        seconds=time.perf_counter() - started)
+
+
+def _end_metrics(sampler: LoadSampler, reporter: metrics.Reporter) -> None:
+    sampler.stop()
+    metrics.activate(None)
+    reporter.flush()
 
 
 def _flush_streams() -> None:

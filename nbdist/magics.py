@@ -11,6 +11,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from nbdist.backends import BACKENDS
 from nbdist.config import parse_gpus, resolve_config
+from nbdist.dashboard import Dashboard
 from nbdist.errors import DistributedCellError, NbdistError
 from nbdist.pool import Pool
 
@@ -92,6 +93,7 @@ def _distributed_parser() -> _Parser:
     parser.add_argument("--strategy", default=None)
     parser.add_argument("--output", choices=["rank0", "all"], default="rank0")
     parser.add_argument("--timeout", type=_positive_float, default=None)
+    parser.add_argument("--no-dashboard", action="store_true", help="no live dashboard")
     return parser
 
 
@@ -104,6 +106,18 @@ def _parse(parser: _Parser, line: str) -> argparse.Namespace | None:
         return parser.parse_args(words)
     except _HelpShown:
         return None
+
+
+def notebook_pool() -> Pool:
+    """The pool that `%nbdist start` made in this IPython session."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    magics = shell.magics_manager.registry.get("NbdistMagics") if shell is not None else None
+    if magics is None or magics.pool is None:
+        raise NbdistError("no notebook pool: run `%load_ext nbdist` and `%nbdist start`, or pass pool=.")
+    pool: Pool = magics.pool
+    return pool
 
 
 @magics_class
@@ -195,6 +209,7 @@ class NbdistMagics(Magics):
             result = pool.run(
                 cell, backend=args.backend, strategy=args.strategy, output=args.output,
                 timeout=args.timeout, line_offset=1,
+                observers=[] if args.no_dashboard else [Dashboard()],
             )
         except DistributedCellError:
             raise

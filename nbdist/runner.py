@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from nbdist import engine as engine_side
 from nbdist.engine import CellOutcome
 from nbdist.errors import DistributedCellError
+from nbdist.store import MetricStore
 
 if TYPE_CHECKING:
     from nbdist.pool import EngineExit, Pool
@@ -32,7 +33,7 @@ LOST_STATE = (
 class CellObserver(Protocol):
     """Something that watches a running cell (the dashboard). Called from the poll loop."""
 
-    def cell_started(self, pending: Sequence[Any]) -> None: ...
+    def cell_started(self, store: MetricStore) -> None: ...
 
     def cell_polled(self) -> None: ...
 
@@ -134,13 +135,17 @@ class CellRunner:
             for rank, view in enumerate(pool.views)
         ]
         stream = OutputStream(pending, self.output)
+        self.store = MetricStore(cell=cell_id)
+        self._pending = pending
         for obs in self.observers:
-            obs.cell_started(pending)
+            obs.cell_started(self.store)
         ok = False
         try:
             outcomes = self._watch(pending, stream, started, timeout)
             ok = True
         finally:
+            self._collect()
+            pool.history.extend(self.store.records)
             for obs in self.observers:
                 obs.cell_finished(ok)
         rank0 = outcomes[0]
@@ -157,6 +162,7 @@ class CellRunner:
                 if waiting:
                     futures.wait(waiting, timeout=POLL_SECONDS, return_when=futures.FIRST_COMPLETED)
                 stream.pump()
+                self._collect()
                 for obs in self.observers:
                     obs.cell_polled()
                 done = {rank: _outcome(ar, rank) for rank, ar in enumerate(pending) if ar.done()}
@@ -192,6 +198,10 @@ class CellRunner:
         if failed:
             raise _failure_error(failed, "Engine state is kept: the pool is ready for the next cell.")
         return outcomes
+
+    def _collect(self) -> None:
+        for rank, ar in enumerate(self._pending):
+            self.store.ingest(rank, ar.metadata.get("data") or {})
 
     def _drain(self, pending: list[Any], stream: OutputStream) -> None:
         stream.pump(final=True)

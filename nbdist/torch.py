@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from nbdist import metrics
 
 __all__ = ["device", "loader", "prepare", "unwrap"]
 
@@ -47,7 +51,31 @@ def prepare(model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
     dev = device()
     model = model.to(dev)
     device_ids = [dev.index] if dev.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs)
+    ddp = DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs)
+    ddp.register_comm_hook(state=None, hook=_timed_allreduce)
+    return ddp
+
+
+def _timed_allreduce(
+    state: object, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    """DDP's own allreduce, timed from launch to completion for the dashboard's
+    compute/communication split (`comm_s` in reported records)."""
+    started = time.perf_counter()
+    future = default_hooks.allreduce_hook(None, bucket)  # type: ignore[arg-type]
+
+    def done(fut: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+        metrics.add_time("comm_s", time.perf_counter() - started)
+        return fut.value()
+
+    return future.then(done)
+
+
+# DDP checks the hook's annotations as objects; `from __future__ import annotations` made
+# them strings, so give it the real ones.
+_timed_allreduce.__annotations__ = {
+    "state": object, "bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]
+}
 
 
 class _EpochLoader(DataLoader):

@@ -1,0 +1,67 @@
+"""Device load sampled on an engine while a cell runs: NVML for a GPU, psutil for the CPU."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+
+SAMPLE_SECONDS = 0.5
+
+
+def _gpu_probe(gpu: str | None) -> Callable[[], dict[str, float]] | None:
+    if gpu is None:
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(int(gpu))
+    except Exception:  # noqa: BLE001 - no NVML: report CPU load only
+        return None
+
+    def probe() -> dict[str, float]:
+        util = pynvml.nvmlDeviceGetUtilizationRates(handle)
+        mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        return {"gpu_util": float(util.gpu), "gpu_mem_mb": mem.used / 2**20}
+
+    return probe
+
+
+class LoadSampler:
+    """A daemon thread that samples about twice a second and hands records to `sink`."""
+
+    def __init__(self, sink: Callable[[dict[str, Any]], None], gpu: str | None,
+                 interval: float = SAMPLE_SECONDS) -> None:
+        self._sink = sink
+        self._interval = interval
+        self._gpu = _gpu_probe(gpu)
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="nbdist-load", daemon=True)
+
+    def start(self) -> LoadSampler:
+        self._process.cpu_percent(None)  # prime: the first reading is always 0
+        self._thread.start()
+        return self
+
+    def sample(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "kind": "load",
+            "cpu": self._process.cpu_percent(None),
+            "rss_mb": self._process.memory_info().rss / 2**20,
+        }
+        if self._gpu is not None:
+            record.update(self._gpu())
+        return record
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._sink(self.sample())
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2 * self._interval)

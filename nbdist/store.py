@@ -1,0 +1,99 @@
+"""The kernel's side of metrics: numbered batches in, per-rank series out. No widgets here."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from nbdist.metrics import KEY_PREFIX
+
+TRAIN_FIELDS = ("t", "step", "loss", "samples", "comm_s")
+LOAD_FIELDS = ("t", "cpu", "rss_mb", "gpu_util", "gpu_mem_mb")
+
+
+@dataclass
+class Series:
+    """Column lists, appended as records arrive (cheap to plot with set_data)."""
+
+    columns: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, record: Mapping[str, Any], names: tuple[str, ...]) -> None:
+        for name in names:
+            value = record.get(name)
+            self.columns[name].append(float("nan") if value is None else float(value))
+
+    def __len__(self) -> int:
+        return len(self.columns.get("t", ()))
+
+
+class MetricStore:
+    """Every record of one cell, in order and exactly once per rank."""
+
+    def __init__(self, cell: str = "") -> None:
+        self.cell = cell
+        self.records: list[dict[str, Any]] = []
+        self.train: dict[int, Series] = defaultdict(Series)
+        self.load: dict[int, Series] = defaultdict(Series)
+        self.total: int | None = None
+        self._next: dict[int, int] = defaultdict(int)
+
+    def ingest(self, rank: int, data: Mapping[str, Any]) -> int:
+        """Take the batches from `data` (an engine's published data) not seen yet."""
+        taken = 0
+        seq = self._next[rank]
+        while (batch := data.get(f"{KEY_PREFIX}{seq}")) is not None:
+            for record in batch:
+                self._add(rank, record)
+                taken += 1
+            seq += 1
+        self._next[rank] = seq
+        return taken
+
+    def _add(self, rank: int, record: Mapping[str, Any]) -> None:
+        row = {"cell": self.cell, "rank": rank, "kind": "train", **record}
+        self.records.append(row)
+        if row["kind"] == "load":
+            self.load[rank].add(row, LOAD_FIELDS)
+        else:
+            self.train[rank].add(row, TRAIN_FIELDS)
+            if "total" in row and row["total"] is not None:
+                self.total = int(row["total"])
+
+    # -- summaries the dashboard draws ------------------------------------------------------
+
+    def latest_step(self) -> float | None:
+        steps = [s.columns["step"][-1] for s in self.train.values() if len(s)]
+        return min(steps) if steps else None
+
+    def throughput(self, window: float = 2.0) -> tuple[float, float]:
+        """(global samples/s, steps/s) over the last `window` seconds of reports."""
+        samples = 0.0
+        steps_per_s = 0.0
+        for series in self.train.values():
+            t = series.columns["t"]
+            if len(t) < 2:
+                continue
+            end = t[-1]
+            first = next(i for i, v in enumerate(t) if v >= end - window)
+            if first >= len(t) - 1:
+                first = max(0, len(t) - 2)
+            span = end - t[first]
+            if span <= 0:
+                continue
+            samples += sum(v for v in series.columns["samples"][first + 1:] if v == v) / span
+            steps = series.columns["step"]
+            steps_per_s = max(steps_per_s, (steps[-1] - steps[first]) / span)
+        return samples, steps_per_s
+
+    def comm_fraction(self, rank: int) -> float | None:
+        """Share of step time spent in gradient allreduce (None when not measured)."""
+        series = self.train.get(rank)
+        if series is None or len(series) < 2:
+            return None
+        comm = [c for c in series.columns["comm_s"][1:] if c == c]
+        if not comm:
+            return None
+        elapsed = series.columns["t"][-1] - series.columns["t"][0]
+        return min(1.0, sum(comm) / elapsed) if elapsed > 0 else None
