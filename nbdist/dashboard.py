@@ -39,6 +39,7 @@ class Dashboard:
         self._axes: dict[str, Any] = {}
         self._lines: dict[tuple[str, Any], Any] = {}
         self._canvas: Any = None
+        self._handle: Any = None
         self._widgets: dict[str, Any] = {}
         self._throughput: list[tuple[float, float]] = []
         self._started = 0.0
@@ -64,7 +65,7 @@ class Dashboard:
         box = widgets.VBox([widgets.HBox([self._widgets["progress"], self._widgets["label"]]),
                             self._widgets["image"]])
         self._widgets["box"] = box
-        display(box)
+        self._handle = display(box, display_id=True)
 
     def cell_polled(self) -> None:
         if not self._widgets:
@@ -84,18 +85,21 @@ class Dashboard:
         if self._figure is None:
             self._build_figure()
         png = self.render()
+        final = Image(data=png, format="png")
         box = self._widgets.get("box")
         if box is not None:
+            # Replace the live widget, in place, by the static picture of its last state.
+            if self.keep_png and self._handle is not None:
+                self._handle.update(final)
             box.close()
-        if self.keep_png:
-            display(Image(data=png, format="png"))
+        elif self.keep_png:
+            display(final)
 
     # -- drawing ------------------------------------------------------------------------------
 
     def _build_figure(self) -> None:
-        from matplotlib.figure import Figure
-
         from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
         # A fixed layout: constrained layout doubled the cost of every redraw.
         fig = Figure(figsize=(10, 5.6), dpi=72)
@@ -103,7 +107,7 @@ class Dashboard:
         self._canvas = FigureCanvasAgg(fig)
         grid = fig.subplots(2, 2)
         names = ("loss", "throughput", "load", "comm")
-        self._axes = dict(zip(names, grid.flat))
+        self._axes = dict(zip(names, grid.flat, strict=False))
         titles = {
             "loss": ("loss per rank (mean dashed)", "step"),
             "throughput": ("global throughput (samples/s)", "seconds"),
@@ -141,8 +145,8 @@ class Dashboard:
         samples_s, steps_s = store.throughput()
         if store.train:
             self._throughput.append((time.time() - t0, samples_s))
-            xs, ys = zip(*self._throughput)
-            self._line("throughput", "all", color="tab:green").set_data(xs, ys)
+            times, rates = zip(*self._throughput, strict=False)
+            self._line("throughput", "all", color="tab:green").set_data(times, rates)
         for rank, series in sorted(store.load.items()):
             gpu = series.columns["gpu_util"]
             util = gpu if any(v == v for v in gpu) else series.columns["cpu"]
@@ -177,7 +181,7 @@ class Dashboard:
     def _mean_loss(store: MetricStore) -> tuple[list[float], list[float]]:
         by_step: dict[float, list[float]] = {}
         for series in store.train.values():
-            for step, loss in zip(series.columns["step"], series.columns["loss"]):
+            for step, loss in zip(series.columns["step"], series.columns["loss"], strict=False):
                 if loss == loss:
                     by_step.setdefault(step, []).append(loss)
         ranks = len(store.train)

@@ -128,12 +128,18 @@ class NbdistMagics(Magics):
         super().__init__(shell)
         self.pool: Pool | None = None
 
+    @property
+    def _ns(self) -> dict[str, Any]:
+        assert self.shell is not None
+        ns: dict[str, Any] = self.shell.user_ns
+        return ns
+
     def _require_pool(self) -> Pool:
         if self.pool is None or not self.pool.is_running:
             raise UsageError("no pool is running: start one with `%nbdist start -n 2`.")
         return self.pool
 
-    @line_magic("nbdist")
+    @line_magic("nbdist")  # type: ignore[arg-type]
     def nbdist(self, line: str) -> Any:
         """Manage the engine pool: `%nbdist start|status|stop|restart|push|pull` (see -h)."""
         args = _parse(_nbdist_parser(), line)
@@ -179,10 +185,10 @@ class NbdistMagics(Magics):
 
     def _push(self, args: argparse.Namespace) -> None:
         pool = self._require_pool()
-        missing = [name for name in args.names if name not in self.shell.user_ns]
+        missing = [name for name in args.names if name not in self._ns]
         if missing:
             raise UsageError(f"%nbdist push: {', '.join(missing)} not defined in the notebook.")
-        pool.push({name: self.shell.user_ns[name] for name in args.names})
+        pool.push({name: self._ns[name] for name in args.names})
 
     def _pull(self, args: argparse.Namespace) -> Any:
         pool = self._require_pool()
@@ -195,10 +201,10 @@ class NbdistMagics(Magics):
                 f"%nbdist pull: could not get {args.name!r} from rank {args.rank}: "
                 f"{getattr(exc, 'evalue', exc)}"
             ) from None
-        self.shell.user_ns[args.name] = value
+        self._ns[args.name] = value
         return value
 
-    @cell_magic("distributed")
+    @cell_magic("distributed")  # type: ignore[arg-type]
     def distributed(self, line: str, cell: str) -> Any:
         """Run the cell on every engine, with the process group formed."""
         args = _parse(_distributed_parser(), line)

@@ -118,7 +118,7 @@ class Pool:
             controller_ip=LOOPBACK,
             engine_timeout=int(cfg.start_timeout),
             delay=0.0,
-            log_level=logging.WARNING,
+            log_level=logging.ERROR,
         )
         self._cluster = cluster
         try:
@@ -313,12 +313,15 @@ class Pool:
             )
         port = self._views[0].apply_sync(engine_side.free_port, LOOPBACK)
         infos = self.rank_infos(master_addr=LOOPBACK, master_port=port)
-        pending = [view.apply_async(engine_side.join, info, backend) for view, info in zip(self._views, infos)]
+        pending = [
+            view.apply_async(engine_side.join, info, backend)
+            for view, info in zip(self._views, infos, strict=True)
+        ]
         from nbdist.runner import gather_or_fail
 
         devices = gather_or_fail(self, pending, what=f"forming the {backend} process group",
                                  timeout=self.config.start_timeout)
-        self._engines = tuple(replace(e, device=str(d)) for e, d in zip(self._engines, devices))
+        self._engines = tuple(replace(e, device=str(d)) for e, d in zip(self._engines, devices, strict=False))
         self._backend = backend
 
     def rank_infos(self, master_addr: str, master_port: int) -> list[RankInfo]:

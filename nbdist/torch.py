@@ -9,14 +9,13 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from nbdist import metrics
@@ -86,7 +85,7 @@ class _EpochLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self.epoch = 0
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Any:
         sampler = self.sampler
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(self.epoch)
@@ -108,7 +107,7 @@ def loader(
         replicas, rank = dist.get_world_size(), dist.get_rank()
     else:
         replicas, rank = 1, 0
-    sampler = DistributedSampler(
+    sampler: DistributedSampler[Any] = DistributedSampler(
         dataset, num_replicas=replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
     )
     return _EpochLoader(

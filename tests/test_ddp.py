@@ -69,7 +69,7 @@ def test_ddp_matches_single_process_training(pool: nbdist.Pool) -> None:
     rank1 = pool.pull("flat", rank=1).tolist()
     assert rank0 == rank1, "DDP ranks disagree"
     expected = reference_parameters()
-    assert max(abs(a - b) for a, b in zip(rank0, expected)) < 1e-5
+    assert max(abs(a - b) for a, b in zip(rank0, expected, strict=False)) < 1e-5
 
 
 def test_cell_namespace_is_torchrun_compatible(pool: nbdist.Pool) -> None:
@@ -111,6 +111,9 @@ def test_pulled_model_is_unwrapped_and_usable(pool: nbdist.Pool) -> None:
 
 
 def test_importing_nbdist_imports_no_framework() -> None:
-    code = "import sys, nbdist, nbdist.magics, nbdist.runner; print(sorted(m for m in ('torch', 'tensorflow') if m in sys.modules))"
+    code = (
+        "import sys, nbdist, nbdist.magics, nbdist.runner, nbdist.dashboard\n"
+        "print(sorted(m for m in ('torch', 'tensorflow') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

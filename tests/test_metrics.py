@@ -1,0 +1,99 @@
+"""Metrics: the store and reporter as units, then 2,000 steps through a real pool."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+
+import nbdist
+from nbdist.dashboard import Dashboard
+from nbdist.magics import NbdistMagics
+from nbdist.metrics import KEY_PREFIX, Reporter
+from nbdist.store import MetricStore
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_reporter_batches_by_time_and_numbers_batches() -> None:
+    published: list[dict[str, object]] = []
+    clock = FakeClock()
+    reporter = Reporter(published.append, interval=0.25, clock=clock)
+    for step in range(10):
+        reporter.report({"step": step})
+    assert published == []  # nothing leaves before the interval
+    clock.now = 0.3
+    reporter.report({"step": 10})
+    reporter.add_time("comm_s", 0.5)
+    reporter.report({"step": 11})
+    reporter.flush()
+    assert [list(batch) for batch in published] == [[f"{KEY_PREFIX}0"], [f"{KEY_PREFIX}1"]]
+    first = published[0][f"{KEY_PREFIX}0"]
+    assert [r["step"] for r in first] == list(range(11))  # type: ignore[index,union-attr]
+    assert published[1][f"{KEY_PREFIX}1"][0]["comm_s"] == 0.5  # type: ignore[index]
+
+
+def test_store_takes_every_batch_once_in_order_whatever_the_arrival() -> None:
+    store = MetricStore()
+    batches = {f"{KEY_PREFIX}{i}": [{"step": 10 * i + j, "loss": 1.0, "t": float(i)} for j in range(10)]
+               for i in range(50)}
+    keys = list(batches)
+    random.Random(0).shuffle(keys)
+    data: dict[str, object] = {}
+    for key in keys:  # batches become visible in random order, as dict updates may
+        data[key] = batches[key]
+        store.ingest(0, data)
+        store.ingest(0, data)  # reading twice must not duplicate
+    steps = store.train[0].columns["step"]
+    assert steps == [float(s) for s in range(500)]
+
+
+def test_throughput_and_comm_fraction() -> None:
+    store = MetricStore()
+    rows = [{"step": i, "samples": 10, "t": i * 0.1, "comm_s": 0.025} for i in range(21)]
+    store.ingest(0, {f"{KEY_PREFIX}0": rows})
+    samples_s, steps_s = store.throughput(window=1.0)
+    assert samples_s == pytest.approx(100.0) and steps_s == pytest.approx(10.0)
+    assert store.comm_fraction(0) == pytest.approx(0.25)
+
+
+def test_report_is_a_no_op_outside_a_cell() -> None:
+    nbdist.report(step=1, loss=0.5)  # no pool, no error
+
+
+@pytest.mark.integration
+def test_two_thousand_steps_arrive_exactly_once_with_load(pool: nbdist.Pool) -> None:
+    before = len(pool.history)
+    dashboard = Dashboard(refresh=0.2, keep_png=False)
+    pool.run("import time\nfor i in range(2000):\n    nbdist.report(step=i, loss=1.0 / (i + 1), samples=8)\n"
+             "    if i % 500 == 0: time.sleep(0.3)", observers=[dashboard])
+    frame = nbdist.history(pool).iloc[before:]
+    train = frame[frame.kind == "train"]
+    for rank in (0, 1):
+        assert train[train["rank"] == rank].step.tolist() == list(range(2000))
+    load = frame[frame.kind == "load"]
+    assert set(load["rank"]) == {0, 1} and (load.rss_mb > 0).all()
+    assert dashboard.renders >= 2 and dashboard.points("loss") > 0
+
+
+@pytest.mark.integration
+def test_dashboard_leaves_a_png_in_the_cell_output(shell: InteractiveShell, magics: NbdistMagics,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    shown: list[object] = []
+    shell.display_pub.publish = lambda data, metadata=None, **kw: shown.append(data)  # type: ignore[method-assign]
+    try:
+        assert shell.run_cell("%%distributed\nfor i in range(50):\n    nbdist.report(step=i, loss=1.0)").success
+        assert any("image/png" in d for d in shown if isinstance(d, dict))
+        shown.clear()
+        quiet = "%%distributed --no-dashboard\nfor i in range(50):\n    nbdist.report(step=i, loss=1.0)"
+        assert shell.run_cell(quiet).success
+        assert not any("image/png" in d for d in shown if isinstance(d, dict))
+    finally:
+        del shell.display_pub.publish
