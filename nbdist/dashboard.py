@@ -67,11 +67,20 @@ class Dashboard:
         self._widgets["box"] = box
         self._handle = display(box, display_id=True)
 
+    @staticmethod
+    def _shell() -> Any:
+        from IPython import get_ipython
+
+        return get_ipython()
+
     def cell_polled(self) -> None:
-        if not self._widgets:
+        if self._figure is None:
             if self.store is None or not self.store.train:
                 return
-            self._show()
+            if getattr(self._shell(), "kernel", None) is not None:
+                self._show()  # a live widget needs a kernel to talk to
+            else:
+                self._build_figure()
         now = time.monotonic()
         if now - self._last >= self.refresh:
             self._last = now
@@ -92,7 +101,7 @@ class Dashboard:
             if self.keep_png and self._handle is not None:
                 self._handle.update(final)
             box.close()
-        elif self.keep_png:
+        elif self.keep_png and self._shell() is not None:
             display(final)
 
     # -- drawing ------------------------------------------------------------------------------

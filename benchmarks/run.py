@@ -1,0 +1,140 @@
+"""nbdist against its baselines, measured in one run on this machine; prints a table.
+
+    python benchmarks/run.py            # everything (about 3 minutes on 2 cores)
+    python benchmarks/run.py --quick    # fewer repeats
+
+Every figure is a ratio against a baseline run in the same process, same minute:
+raw ipyparallel for the cell round trip, `torchrun --nproc_per_node=2` for throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbdist
+from nbdist.dashboard import Dashboard
+
+HERE = Path(__file__).resolve().parent
+
+
+def median_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def torchrun_rate(steps: int) -> float:
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         str(HERE / "workload.py"), f"--steps={steps}"],
+        capture_output=True, text=True, env=env, cwd=HERE, timeout=300,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"torchrun failed:\n{done.stdout}\n{done.stderr[-3000:]}")
+    out = done.stdout
+    match = re.search(r"STEPS_PER_S ([0-9.]+)", out)
+    assert match, out
+    return float(match.group(1))
+
+
+def nbdist_rate(pool: nbdist.Pool, steps: int, report: bool = False, dashboard: bool = False) -> float:
+    observers = [Dashboard(keep_png=False)] if dashboard else []
+    result = pool.run(
+        f"import sys\nsys.path.insert(0, {str(HERE)!r})\nfrom workload import train\n"
+        f"train(steps={steps}, report={report})",
+        observers=observers,
+    )
+    return float(result.value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    repeats = 20 if args.quick else 50
+    steps = 300 if args.quick else 600
+    rounds = 2 if args.quick else 3
+    rows: list[tuple[str, str, str, str]] = []
+
+    t0 = time.perf_counter()
+    pool = nbdist.Pool(n=2).start()
+    started = time.perf_counter() - t0
+    pool.run("import torch.distributed as dist\ndist.get_world_size()")
+    first = time.perf_counter() - t0
+    rows.append(("cold start: Pool.start + first cell (torch, process group)", f"{first:.2f} s",
+                 f"engines up in {started:.2f} s", ""))
+    try:
+        view_all = pool.views[0].client[[e.engine_id for e in pool.engines]]
+        empty = median_ms(lambda: pool.run(""), repeats)
+        raw_all = median_ms(lambda: view_all.apply_sync(lambda: None), repeats)
+        raw_one = median_ms(lambda: pool.views[0].apply_sync(lambda: None), repeats)
+        rows.append((f"warm empty cell, median of {repeats}", f"{empty:.2f} ms",
+                     f"apply_sync on both engines {raw_all:.2f} ms / one engine {raw_one:.2f} ms",
+                     f"{empty / raw_all:.2f}x / {empty / raw_one:.2f}x (goal <= 2x)"))
+
+        nbdist_rate(pool, 50)  # warm: imports, DDP construction paths
+        ours, theirs, dash_on, dash_off = [], [], [], []
+        for _ in range(rounds):
+            theirs.append(torchrun_rate(steps))
+            ours.append(nbdist_rate(pool, steps))
+            dash_off.append(nbdist_rate(pool, steps, report=True))
+            dash_on.append(nbdist_rate(pool, steps, report=True, dashboard=True))
+        ours_m, theirs_m = statistics.median(ours), statistics.median(theirs)
+        rows.append((f"DDP MLP throughput, steps/s per rank (median of {rounds})", f"{ours_m:.1f}",
+                     f"torchrun --nproc_per_node=2: {theirs_m:.1f}", f"{ours_m / theirs_m:.3f}x (goal >= 0.98x)"))
+        on_m, off_m = statistics.median(dash_on), statistics.median(dash_off)
+        rows.append(("report() every step, dashboard on vs off", f"{on_m:.1f} steps/s",
+                     f"dashboard off: {off_m:.1f} steps/s", f"{on_m / off_m:.3f}x (goal >= 0.98x)"))
+
+        t = time.perf_counter()
+        try:
+            pool.run("import torch.distributed as dist\nif rank == 1:\n    raise RuntimeError('x')\ndist.barrier()")
+        except nbdist.DistributedCellError:
+            pass
+        raised = time.perf_counter() - t
+        t = time.perf_counter()
+        try:
+            pool.run("import os, torch.distributed as dist\nif rank == 1:\n    os.kill(os.getpid(), 9)\n"
+                     "dist.barrier()")
+        except nbdist.DistributedCellError:
+            pass
+        killed = time.perf_counter() - t
+        t = time.perf_counter()
+        pool.run("import torch.distributed as dist\ndist.get_world_size()")
+        reform = time.perf_counter() - t
+        rows.append(("rank raises, other blocked in barrier: cell fails after", f"{raised:.2f} s",
+                     f"grace {pool.config.grace:g} s + engine restart", "goal <= 10 s"))
+        rows.append(("engine kill -9 mid-collective: reported and recovered after", f"{killed:.2f} s",
+                     f"next cell re-forms the group in {reform:.2f} s", "goal <= 10 s"))
+    finally:
+        pool.stop()
+
+    print(f"\nnbdist benchmarks on {platform.node()} ({os.cpu_count()} cores, {platform.machine()}, "
+          f"Python {platform.python_version()})\n")
+    widths = [max(len(r[i]) for r in rows + [("measure", "nbdist", "baseline", "ratio")]) for i in range(4)]
+    header = ("measure", "nbdist", "baseline", "ratio")
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+
+if __name__ == "__main__":
+    main()
