@@ -195,7 +195,7 @@ class NbdistMagics(Magics):
         try:
             value = pool.pull(args.name, rank=args.rank)
         except NbdistError:
-            raise
+            raise  # a bad --rank: reported by nbdist()'s handler
         except Exception as exc:  # a RemoteError: the name is missing on that engine
             raise UsageError(
                 f"%nbdist pull: could not get {args.name!r} from rank {args.rank}: "

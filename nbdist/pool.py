@@ -6,6 +6,7 @@ This is the product; `%nbdist`, `%%distributed` and the widgets are thin views o
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 import uuid
@@ -16,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import ipyparallel as ipp
 import psutil
+from traitlets.config import Config
 
 from nbdist import engine as engine_side
+from nbdist import guard
 from nbdist.backends import RankInfo, check_choice
 from nbdist.config import PoolConfig, resolve_config
 from nbdist.errors import ConfigError, PoolStartError, PoolStateError
@@ -112,7 +115,11 @@ class Pool:
         if self._cluster is not None:
             raise PoolStateError("the pool is already running: use restart() or stop() first.")
         cfg = self.config
+        launch = Config()
+        launch.ControllerLauncher.controller_cmd = guard.command(os.getpid(), "ipyparallel.controller")
+        launch.EngineLauncher.engine_cmd = guard.command(os.getpid(), "ipyparallel.engine")
         cluster = ipp.Cluster(
+            config=launch,
             n=cfg.n,
             cluster_id=f"nbdist-{uuid.uuid4().hex[:8]}",
             controller_ip=LOOPBACK,
@@ -261,11 +268,9 @@ class Pool:
             process = self._procs.get(engine.rank)
             if process is None:
                 continue
-            try:
-                code = process.wait(timeout=0)
-            except psutil.TimeoutExpired:
-                continue
-            ended.append(EngineExit(engine.rank, engine.host, engine.pid, code))
+            ended_with = _exit_status(process)
+            if ended_with is not _RUNNING:
+                ended.append(EngineExit(engine.rank, engine.host, engine.pid, ended_with))
         return ended
 
     def status(self) -> list[EngineStatus]:
@@ -370,6 +375,28 @@ class Pool:
     def __repr__(self) -> str:
         state = f"{len(self._engines)} engines, backend {self._backend}" if self.is_running else "stopped"
         return f"<nbdist.Pool {state}>"
+
+
+_RUNNING = object()
+
+
+def _exit_status(process: psutil.Process) -> Any:
+    """The exit code of an engine we launched (negative: killed by that signal), or _RUNNING.
+
+    The launcher's own thread reaps the process; peeking with WNOWAIT leaves the zombie
+    to it, so the two never race for the status (the loser of a race would get None)."""
+    try:
+        info = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # already reaped by the launcher, which cached the code
+        try:
+            return process.wait(timeout=0)
+        except psutil.TimeoutExpired:
+            return _RUNNING
+    if info is None:
+        return _RUNNING
+    if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+        return -info.si_status
+    return info.si_status
 
 
 def _reap_stragglers(cluster: ipp.Cluster) -> None:

@@ -171,13 +171,13 @@ class CellRunner:
                 now = time.monotonic()
                 exits = pool.exits()
                 if exits:
-                    self._drain(pending, stream)
+                    stream.pump(final=True)
                     raise self._engine_died(exits, done)
                 failed = [o for o in done.values() if not o.ok]
                 if failed and first_failure is None:
                     first_failure = now
                 if first_failure is not None and now - first_failure > grace:
-                    self._drain(pending, stream)
+                    stream.pump(final=True)
                     stuck = [r for r, ar in enumerate(pending) if not ar.done()]
                     pool.recover()
                     raise _failure_error(
@@ -203,9 +203,6 @@ class CellRunner:
         for rank, ar in enumerate(self._pending):
             self.store.ingest(rank, ar.metadata.get("data") or {})
 
-    def _drain(self, pending: list[Any], stream: OutputStream) -> None:
-        stream.pump(final=True)
-
     def _engine_died(self, exits: list[EngineExit], done: dict[int, CellOutcome]) -> DistributedCellError:
         seconds = self.pool.recover()
         lines = [x.describe() for x in exits]
@@ -229,7 +226,7 @@ class CellRunner:
                 pass
         waiting = [pending[r] for r in running]
         futures.wait(waiting, timeout=pool.config.grace)
-        self._drain(pending, stream)
+        stream.pump(final=True)
         still = [r for r in running if not pending[r].done()]
         tracebacks = {}
         for rank, ar in enumerate(pending):
