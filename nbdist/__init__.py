@@ -52,8 +52,8 @@ def unload_ipython_extension(ipython: Any) -> None:
 
 
 def __getattr__(name: str) -> Any:
-    # `nbdist.torch` is a submodule that imports torch: load it only when asked (on engines).
-    if name in ("torch",):
+    # Submodules that import torch when used: load them only when asked (on engines).
+    if name in ("torch", "checkpoint"):
         import importlib
 
         return importlib.import_module(f"nbdist.{name}")

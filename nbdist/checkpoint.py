@@ -1,0 +1,88 @@
+"""Checkpoints that survive a dead rank: written once, atomically, readable by every rank.
+
+`save` writes on rank 0 only, into a temporary file in the same folder that is renamed
+over the target (`os.replace` is atomic), so a process killed mid-write leaves the old
+checkpoint intact. Every rank then meets at a barrier, so after `save` returns the file is
+there for all of them. torch is imported when called (on engines), never at import.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+FORMAT = "nbdist-checkpoint-1"
+
+
+def _unwrap(model: Any) -> Any:
+    return getattr(model, "module", model)
+
+
+def _rank_and_barrier() -> tuple[int, Any]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.barrier
+    return 0, lambda: None
+
+
+def save(path: str | os.PathLike[str], *, model: Any = None, optimizer: Any = None, step: int | None = None,
+         **extra: Any) -> Path:
+    """Save model and optimizer state (DDP wrappers removed) plus `step` and any extras."""
+    import torch
+
+    target = Path(path)
+    rank, barrier = _rank_and_barrier()
+    if rank == 0:
+        state = {
+            "format": FORMAT,
+            "step": step,
+            "model": _unwrap(model).state_dict() if model is not None else None,
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "extra": extra,
+        }
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                torch.save(state, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    barrier()
+    return target
+
+
+def restore(path: str | os.PathLike[str], *, model: Any = None, optimizer: Any = None) -> int | None:
+    """Load state saved by `save` into `model` / `optimizer` on this rank; return the step.
+
+    A missing file returns None (a first run), so `start = restore(...) or 0` just works."""
+    import torch
+
+    source = Path(path)
+    if not source.exists():
+        return None
+    device = next(_unwrap(model).parameters()).device if model is not None else "cpu"
+    state = torch.load(source, map_location=device, weights_only=False)
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{source} is not an nbdist checkpoint")
+    if model is not None:
+        _unwrap(model).load_state_dict(state["model"])
+    if optimizer is not None and state["optimizer"] is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    step: int | None = state["step"]
+    return step
+
+
+def extras(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The extra values saved with a checkpoint (e.g. the epoch or the RNG seed)."""
+    import torch
+
+    state = torch.load(Path(path), map_location="cpu", weights_only=False)
+    value: dict[str, Any] = state.get("extra", {})
+    return value
