@@ -30,6 +30,7 @@ __all__ = [
     "PoolConfig",
     "PoolStartError",
     "PoolStateError",
+    "PoolWidget",
     "history",
     "report",
     "load_ipython_extension",
@@ -53,10 +54,12 @@ def unload_ipython_extension(ipython: Any) -> None:
 
 def __getattr__(name: str) -> Any:
     # Submodules that import torch when used: load them only when asked (on engines).
-    if name in ("torch", "checkpoint"):
-        import importlib
+    import importlib
 
+    if name in ("torch", "checkpoint"):
         return importlib.import_module(f"nbdist.{name}")
+    if name == "PoolWidget":  # ipywidgets is imported only when the panel is asked for
+        return importlib.import_module("nbdist.widget").PoolWidget
     raise AttributeError(f"module 'nbdist' has no attribute {name!r}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from IPython.core.error import UsageError
@@ -120,6 +121,21 @@ def notebook_pool() -> Pool:
     return pool
 
 
+def notebook_binding() -> tuple[Pool | None, Callable[[Pool | None], None] | None]:
+    """The `%nbdist` pool and a setter for it, when the extension is loaded in this shell."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    magics = shell.magics_manager.registry.get("NbdistMagics") if shell is not None else None
+    if not isinstance(magics, NbdistMagics):
+        return None, None
+
+    def bind(pool: Pool | None) -> None:
+        magics.pool = pool
+
+    return magics.pool, bind
+
+
 @magics_class
 class NbdistMagics(Magics):
     """The magics hold the notebook's pool; all the work is the pool's."""
@@ -146,13 +162,16 @@ class NbdistMagics(Magics):
         if args is None:
             return None
         if args.command is None:
-            if self.pool is not None and self.pool.is_running:
-                return self._status()
-            raise UsageError("%nbdist needs a command: start, status, stop, restart, push or pull.")
+            from nbdist.widget import PoolWidget
+
+            return PoolWidget(self.pool, on_pool=self._adopt)
         try:
             return getattr(self, f"_{args.command}")(args)
         except NbdistError as exc:
             raise UsageError(str(exc)) from None
+
+    def _adopt(self, pool: Pool | None) -> None:
+        self.pool = pool
 
     def _start(self, args: argparse.Namespace) -> None:
         if self.pool is not None and self.pool.is_running:

@@ -277,7 +277,9 @@ class Pool:
         self._require_running()
         assert self._client is not None
         dead = {x.rank: x for x in self.exits()}
-        queue = self._client.queue_status(targets=[e.engine_id for e in self._engines])
+        registered = set(self._client.ids)
+        alive = [e.engine_id for e in self._engines if e.rank not in dead and e.engine_id in registered]
+        queue = self._client.queue_status(targets=alive) if alive else {}
         rows = []
         for e in self._engines:
             if e.rank in dead:
@@ -389,7 +391,8 @@ def _exit_status(process: psutil.Process) -> Any:
         info = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
     except ChildProcessError:  # already reaped by the launcher, which cached the code
         try:
-            return process.wait(timeout=0)
+            code = process.wait(timeout=0)
+            return None if code is None else int(code)
         except psutil.TimeoutExpired:
             return _RUNNING
     if info is None:
