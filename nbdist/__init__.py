@@ -31,8 +31,10 @@ __all__ = [
     "PoolStartError",
     "PoolStateError",
     "PoolWidget",
+    "ScalingReport",
     "history",
     "report",
+    "scaling_report",
     "load_ipython_extension",
     "unload_ipython_extension",
 ]
@@ -58,6 +60,8 @@ def __getattr__(name: str) -> Any:
 
     if name in ("torch", "checkpoint"):
         return importlib.import_module(f"nbdist.{name}")
+    if name in ("scaling_report", "ScalingReport"):
+        return getattr(importlib.import_module("nbdist.scaling"), name)
     if name == "PoolWidget":  # ipywidgets is imported only when the panel is asked for
         return importlib.import_module("nbdist.widget").PoolWidget
     raise AttributeError(f"module 'nbdist' has no attribute {name!r}")
