@@ -127,6 +127,11 @@ class CellRunner:
     def run(self, source: str, *, backend: str, strategy: str, timeout: float | None,
             line_offset: int = 0) -> CellResult:
         pool = self.pool
+        exits = pool.exits()
+        if exits:  # an engine died between cells: recover before running anything on it
+            seconds = pool.recover()
+            print(f"nbdist: {'; '.join(x.describe() for x in exits)} since the last cell. "
+                  f"{LOST_STATE} (recovered in {seconds:.1f} s)", file=sys.stderr)
         pool.ensure_backend(backend)
         cell_id = pool.next_cell_id()
         started = time.monotonic()
@@ -166,13 +171,15 @@ class CellRunner:
                 for obs in self.observers:
                     obs.cell_polled()
                 done = {rank: _outcome(ar, rank) for rank, ar in enumerate(pending) if ar.done()}
-                if len(done) == len(pending):
-                    break
-                now = time.monotonic()
+                # Checked before "all done": ipyparallel may fail a dead engine's task at once,
+                # and the cell must still be reported as an engine death, with recovery.
                 exits = pool.exits()
                 if exits:
                     stream.pump(final=True)
                     raise self._engine_died(exits, done)
+                if len(done) == len(pending):
+                    break
+                now = time.monotonic()
                 failed = [o for o in done.values() if not o.ok]
                 if failed and first_failure is None:
                     first_failure = now

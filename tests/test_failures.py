@@ -113,3 +113,16 @@ def test_stop_leaves_no_process_behind() -> None:
     assert [psutil.Process(pid).cmdline() for pid in _alive(started)] == []
     p.stop()  # twice is fine
     assert os.getpid() == me.pid
+
+
+def test_engine_killed_between_cells_is_recovered_before_the_next(pool: nbdist.Pool,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    pool.run("kept = 1")
+    victim = pool.engines[0].pid
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not pool.exits() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pool.run("world_size").value == 2
+    assert f"engine pid {victim}" in capsys.readouterr().err
+    assert pool.run("'kept' in globals()").value is False
