@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -76,7 +77,7 @@ class MetricStore:
             if len(t) < 2:
                 continue
             end = t[-1]
-            first = next(i for i, v in enumerate(t) if v >= end - window)
+            first = bisect.bisect_left(t, end - window)  # reports arrive in time order per rank
             if first >= len(t) - 1:
                 first = max(0, len(t) - 2)
             span = end - t[first]

@@ -8,7 +8,7 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 import nbdist
-from nbdist.dashboard import Dashboard
+from nbdist.dashboard import Dashboard, _MeanLoss
 from nbdist.magics import NbdistMagics
 from nbdist.metrics import KEY_PREFIX, Reporter
 from nbdist.store import MetricStore
@@ -97,3 +97,38 @@ def test_dashboard_leaves_a_png_in_the_cell_output(shell: InteractiveShell, magi
         assert not any("image/png" in d for d in shown if isinstance(d, dict))
     finally:
         del shell.display_pub.publish
+
+
+def _fill(store: MetricStore, start: int, stop: int) -> None:
+    for rank in (0, 1):
+        rows = [{"t": i * 0.01, "step": i, "loss": 2.0 / (1 + i / 100) + rank * 0.01, "samples": 8, "comm_s": 0.002}
+                for i in range(start, stop)]
+        store.ingest(rank, {f"{KEY_PREFIX}{start // 100}": rows})
+
+
+def test_dashboard_blits_and_redraws_axes_only_when_data_outgrows_them() -> None:
+    store = MetricStore()
+    dashboard = Dashboard()
+    dashboard.cell_started(store)
+    dashboard._started = 0.0
+    _fill(store, 0, 100)
+    dashboard.cell_polled()  # builds the figure, first (full) draw
+    assert dashboard.full_draws == 1 and dashboard.points("loss") == 300  # two ranks and the mean
+    dashboard.render()
+    assert (dashboard.full_draws, dashboard.partial_draws) == (1, 0)  # nothing grew: blit only
+    _fill(store, 100, 200)
+    dashboard.render()  # steps 100..199 fit in the headroom left at step 99
+    assert (dashboard.full_draws, dashboard.partial_draws) == (1, 0) and dashboard.points("loss") == 600
+    _fill(store, 200, 1000)
+    dashboard.render()
+    assert dashboard.partial_draws == 1 and dashboard._axes["loss"].get_xlim()[1] >= 999
+    png = dashboard.render(final=True)
+    assert png.startswith(b"\x89PNG") and dashboard._axes["loss"].get_xlim()[1] == pytest.approx(999 * 1.02)
+
+
+def test_mean_loss_is_over_ranks_per_step() -> None:
+    store = MetricStore()
+    _fill(store, 0, 300)
+    steps, means = _MeanLoss().update(store)
+    assert steps == list(range(300))
+    assert means[10] == pytest.approx(2.0 / 1.1 + 0.005)
