@@ -41,7 +41,7 @@ class Dashboard:
         self._canvas: Any = None
         self._handle: Any = None
         self._widgets: dict[str, Any] = {}
-        self._throughput: list[tuple[float, float]] = []
+        self._throughput: list[tuple[float, float, float]] = []
         self._started = 0.0
         self._background: Any = None
         self._bars: list[Any] = []
@@ -123,17 +123,19 @@ class Dashboard:
         from matplotlib.figure import Figure
 
         # A fixed layout: constrained layout doubled the cost of every redraw.
-        fig = Figure(figsize=(10, 5.6), dpi=72)
-        fig.subplots_adjust(left=0.07, right=0.98, top=0.89, bottom=0.09, hspace=0.42, wspace=0.25)
+        fig = Figure(figsize=(13, 5.6), dpi=72)
+        fig.subplots_adjust(left=0.05, right=0.99, top=0.89, bottom=0.09, hspace=0.42, wspace=0.3)
         self._canvas = FigureCanvasAgg(fig)
-        grid = fig.subplots(2, 2)
-        names = ("loss", "throughput", "load", "comm")
+        grid = fig.subplots(2, 3)
+        names = ("loss", "throughput", "comm", "load", "memory", "steps")
         self._axes = dict(zip(names, grid.flat, strict=False))
         titles = {
             "loss": ("loss per rank and mean", "step"),
             "throughput": ("global throughput (samples/s)", "seconds"),
-            "load": ("device load (% of one core or GPU util)", "seconds"),
             "comm": ("share of time in gradient allreduce", "rank"),
+            "load": ("device load (% of one core, or GPU util)", "seconds"),
+            "memory": ("memory per device (MB: GPU, or process RSS)", "seconds"),
+            "steps": ("steps/s (fastest rank)", "seconds"),
         }
         for name, ax in self._axes.items():
             ax.set_title(titles[name][0], fontsize=10)
@@ -167,14 +169,18 @@ class Dashboard:
             self._line("loss", "mean", color="black", ls="--", lw=1.2, label="mean").set_data(*mean)
         samples_s, steps_s = store.throughput()
         if store.train:
-            self._throughput.append((time.time() - t0, samples_s))
-            times, rates = _thin(*map(list, zip(*self._throughput, strict=False)))
-            self._line("throughput", "all", color="tab:green").set_data(times, rates)
+            self._throughput.append((time.time() - t0, samples_s, steps_s))
+            times, rates, paces = (list(c) for c in zip(*self._throughput, strict=False))
+            self._line("throughput", "all", color="tab:green").set_data(*_thin(times, rates))
+            self._line("steps", "all", color="tab:purple").set_data(*_thin(times, paces))
         for rank, series in sorted(store.load.items()):
-            gpu = series.columns["gpu_util"]
-            util = gpu if any(v == v for v in gpu) else series.columns["cpu"]
+            gpu, gpu_mem = series.columns["gpu_util"], series.columns["gpu_mem_mb"]
+            on_gpu = any(v == v for v in gpu)
+            util = gpu if on_gpu else series.columns["cpu"]
+            memory = gpu_mem if on_gpu else series.columns["rss_mb"]
             xs = [t - t0 for t in series.columns["t"]]
             self._line("load", rank, label=f"rank {rank}", color=f"C{rank % 10}").set_data(*_thin(xs, util))
+            self._line("memory", rank, label=f"rank {rank}", color=f"C{rank % 10}").set_data(*_thin(xs, memory))
         self._draw_comm(store)
         self._fit_axes(final)
         frame = self._encode(final)
@@ -186,7 +192,7 @@ class Dashboard:
     def _fit_axes(self, final: bool) -> None:
         """Grow limits in steps of 1-2-5 with headroom, so the costly background redraw
         happens a few times per run rather than every second; fit tightly at the end."""
-        for name in ("loss", "throughput", "load"):
+        for name in ("loss", "throughput", "load", "memory", "steps"):
             ax = self._axes[name]
             lines = [line for (axis, _), line in self._lines.items() if axis == name]
             import numpy as np
