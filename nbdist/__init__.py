@@ -58,7 +58,7 @@ def __getattr__(name: str) -> Any:
     # Submodules that import torch when used: load them only when asked (on engines).
     import importlib
 
-    if name in ("torch", "checkpoint"):
+    if name in ("torch", "checkpoint", "keras"):
         return importlib.import_module(f"nbdist.{name}")
     if name in ("scaling_report", "ScalingReport"):
         return getattr(importlib.import_module("nbdist.scaling"), name)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nbdist import metrics
-from nbdist.backends import Backend, RankInfo, load_backend
+from nbdist.backends import Backend, Formation, RankInfo, load_backend
 from nbdist.load import LoadSampler
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -96,10 +96,10 @@ def free_port(bind_addr: str) -> int:
         return port
 
 
-def join(info: RankInfo, backend_name: str) -> str:
+def join(info: RankInfo, backend_name: str, formation: Formation) -> str:
     """Form the backend's process group (once) and publish the rank's names to cells."""
     backend = load_backend(backend_name)
-    backend.setup(info)
+    backend.setup(info, formation)
     _CONTEXT.info = info
     _CONTEXT.backend = backend
     ns = _user_namespace()
@@ -170,6 +170,8 @@ def run_cell(
     info = _CONTEXT.info
     rank = info.rank if info is not None else -1
     _CONTEXT.strategy = strategy
+    if info is not None and _CONTEXT.backend is not None and not _CONTEXT.backend.runs_cell(info):
+        return CellOutcome(rank=rank, ok=True)  # e.g. a parameter server: its gRPC server does the work
     shell = get_ipython()
     ns = _user_namespace()
     filename = f"<distributed cell {cell_id}>"

@@ -95,6 +95,10 @@ def _distributed_parser() -> _Parser:
     parser.add_argument("--output", choices=["rank0", "all"], default="rank0")
     parser.add_argument("--timeout", type=_positive_float, default=None)
     parser.add_argument("--no-dashboard", action="store_true", help="no live dashboard")
+    parser.add_argument("--ps", type=_positive_int, default=1,
+                        help="parameter servers for --backend tensorflow --strategy ps (default 1)")
+    parser.add_argument("--restart", action="store_true",
+                        help="give the pool fresh engines first if they serve another backend or strategy")
     return parser
 
 
@@ -232,8 +236,8 @@ class NbdistMagics(Magics):
         pool = self._require_pool()
         try:
             result = pool.run(
-                cell, backend=args.backend, strategy=args.strategy, output=args.output,
-                timeout=args.timeout, line_offset=1,
+                cell, backend=args.backend, strategy=args.strategy, ps=args.ps, restart=args.restart,
+                output=args.output, timeout=args.timeout, line_offset=1,
                 observers=[] if args.no_dashboard else [Dashboard()],
             )
         except DistributedCellError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -21,7 +22,7 @@ from traitlets.config import Config
 
 from nbdist import engine as engine_side
 from nbdist import guard
-from nbdist.backends import RankInfo, check_choice
+from nbdist.backends import BACKENDS, Formation, RankInfo, check_choice
 from nbdist.config import PoolConfig, resolve_config
 from nbdist.errors import ConfigError, PoolStartError, PoolStateError
 from nbdist.history import History
@@ -101,6 +102,7 @@ class Pool:
         self._views: tuple[Any, ...] = ()
         self._procs: dict[int, psutil.Process] = {}
         self._backend: str | None = None
+        self._formation = Formation("")
         self._cells = 0
         self.log = logging.getLogger("nbdist")
 
@@ -308,20 +310,40 @@ class Pool:
 
     # -- running code ----------------------------------------------------------------------
 
-    def ensure_backend(self, backend: str) -> None:
-        """Form the backend's process group on first use; it then lives as long as the engines."""
+    def ensure_backend(self, backend: str, formation: Formation | None = None) -> None:
+        """Form the backend's process group on first use; it then lives as long as the engines.
+
+        A pool serves one backend (and, for TensorFlow, one strategy) at a time: frameworks
+        cannot leave a group and join another in the same process."""
         self._require_running()
-        if self._backend == backend:
+        spec = BACKENDS[backend]
+        formation = formation or spec.formation(spec.default_strategy)
+        if self._backend == backend and self._formation == formation:
             return
         if self._backend is not None:
+            now = self._backend
+            if BACKENDS[now].formed_per_strategy:
+                now += f" --strategy {self._formation.strategy}"
             raise PoolStateError(
-                f"this pool serves the {self._backend} backend; restart it (`%nbdist restart`) "
-                f"to use {backend}."
+                f"this pool's engines are joined for {now}; {backend} --strategy {formation.strategy} needs "
+                f"fresh engines: add --restart to the cell (or run `%nbdist restart`; engine state is cleared)."
             )
+        if formation.strategy == "ps":
+            self._check_ps(formation.ps)
         port = self._views[0].apply_sync(engine_side.free_port, LOOPBACK)
-        infos = self.rank_infos(master_addr=LOOPBACK, master_port=port)
+        peers: tuple[str, ...] = ()
+        if spec.needs_peers:
+            from nbdist.runner import gather_or_fail
+
+            asks = [v.apply_async(engine_side.free_port, LOOPBACK) for v in self._views]
+            if formation.strategy == "ps" and len(self._views) - 1 - formation.ps == 0:
+                # No engine is left for a worker: the coordinator's engine hosts one (its own port).
+                asks.append(self._views[0].apply_async(engine_side.free_port, LOOPBACK))
+            ports = gather_or_fail(self, asks, what="choosing ports", timeout=self.config.start_timeout)
+            peers = tuple(f"{LOOPBACK}:{p}" for p in ports)
+        infos = [replace(i, peers=peers) for i in self.rank_infos(master_addr=LOOPBACK, master_port=port)]
         pending = [
-            view.apply_async(engine_side.join, info, backend)
+            view.apply_async(engine_side.join, info, backend, formation)
             for view, info in zip(self._views, infos, strict=True)
         ]
         from nbdist.runner import gather_or_fail
@@ -330,6 +352,15 @@ class Pool:
                                  timeout=self.config.start_timeout)
         self._engines = tuple(replace(e, device=str(d)) for e, d in zip(self._engines, devices, strict=False))
         self._backend = backend
+        self._formation = formation
+
+    def _check_ps(self, ps: int) -> None:
+        n = len(self._engines)
+        if not 1 <= ps <= n - 1:
+            raise ConfigError(
+                f"--ps {ps} does not fit {n} engines: one engine is the coordinator, so choose 1 to {n - 1} "
+                f"parameter servers (and start more engines for dedicated workers)."
+            )
 
     def rank_infos(self, master_addr: str, master_port: int) -> list[RankInfo]:
         hosts = list(dict.fromkeys(e.host for e in self._engines))
@@ -361,17 +392,30 @@ class Pool:
         *,
         backend: str = "torch",
         strategy: str | None = None,
+        ps: int = 1,
+        restart: bool = False,
         output: str = "rank0",
         timeout: float | None = None,
         observers: Iterable[Any] = (),
         line_offset: int = 0,
     ) -> CellResult:
-        """Run `source` on every rank and return rank 0's last-expression value and outputs."""
+        """Run `source` on every rank and return rank 0's last-expression value and outputs.
+
+        `ps` is the number of parameter servers for TensorFlow's `ps` strategy. `restart`
+        gives the pool fresh engines first when they are joined for another backend or
+        strategy (engine state is lost, so it is never done without being asked)."""
         strategy = check_choice(backend, strategy)
+        formation = BACKENDS[backend].formation(strategy, ps if strategy == "ps" else 0)
+        if restart and self._backend is not None and (self._backend, self._formation) != (backend, formation):
+            was = self._backend
+            self.restart()
+            print(f"nbdist: engines restarted to switch from {was} to {backend} --strategy {strategy} "
+                  "(engine state was cleared).", file=sys.stderr)
         from nbdist.runner import CellRunner
 
         return CellRunner(self, output=output, observers=list(observers)).run(
-            source, backend=backend, strategy=strategy, timeout=timeout, line_offset=line_offset
+            source, backend=backend, strategy=strategy, formation=formation, timeout=timeout,
+            line_offset=line_offset,
         )
 
     def __repr__(self) -> str:

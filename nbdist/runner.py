@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from nbdist import engine as engine_side
+from nbdist.backends import Formation
 from nbdist.engine import CellOutcome
 from nbdist.errors import DistributedCellError
 from nbdist.store import MetricStore
@@ -124,15 +125,15 @@ class CellRunner:
         self.output = output
         self.observers = list(observers)
 
-    def run(self, source: str, *, backend: str, strategy: str, timeout: float | None,
-            line_offset: int = 0) -> CellResult:
+    def run(self, source: str, *, backend: str, strategy: str, formation: Formation | None = None,
+            timeout: float | None, line_offset: int = 0) -> CellResult:
         pool = self.pool
         exits = pool.exits()
         if exits:  # an engine died between cells: recover before running anything on it
             seconds = pool.recover()
             print(f"nbdist: {'; '.join(x.describe() for x in exits)} since the last cell. "
                   f"{LOST_STATE} (recovered in {seconds:.1f} s)", file=sys.stderr)
-        pool.ensure_backend(backend)
+        pool.ensure_backend(backend, formation)
         cell_id = pool.next_cell_id()
         started = time.monotonic()
         pending = [

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from nbdist.backends.base import Backend, RankInfo
+from nbdist.backends.base import Backend, Formation, RankInfo
 from nbdist.errors import ConfigError
 
 
@@ -18,14 +18,25 @@ class BackendSpec:
     target: str
     """`module:Class`, imported on engines only."""
     strategies: tuple[str, ...]
+    formed_per_strategy: bool = False
+    """True where the engines are joined differently for each strategy (TensorFlow's cluster
+    roles); PyTorch's one process group serves every strategy."""
+    needs_peers: bool = False
 
     @property
     def default_strategy(self) -> str:
         return self.strategies[0]
 
+    def formation(self, strategy: str, ps: int = 0) -> Formation:
+        return Formation(strategy, ps) if self.formed_per_strategy else Formation(self.default_strategy)
+
 
 BACKENDS: dict[str, BackendSpec] = {
     "torch": BackendSpec("nbdist.backends.torch_backend:TorchBackend", ("ddp",)),
+    "tensorflow": BackendSpec(
+        "nbdist.backends.tensorflow_backend:TensorFlowBackend", ("multiworker", "ps", "mirrored"),
+        formed_per_strategy=True, needs_peers=True,
+    ),
 }
 
 
@@ -51,4 +62,4 @@ def load_backend(name: str) -> Backend:
     return backend
 
 
-__all__ = ["BACKENDS", "Backend", "BackendSpec", "RankInfo", "check_choice", "load_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendSpec", "Formation", "RankInfo", "check_choice", "load_backend"]

@@ -20,6 +20,9 @@ class RankInfo:
     master_port: int
     gpu: str | None
     threads: int
+    peers: tuple[str, ...] = ()
+    """`host:port` per rank, free on that rank's host: where frameworks that give every
+    process its own server (TensorFlow's gRPC) listen. Empty where one rendezvous suffices."""
 
     def torchrun_env(self) -> dict[str, str]:
         """The variables torchrun sets, so scripts written for torchrun run unchanged."""
@@ -38,14 +41,27 @@ class RankInfo:
         }
 
 
+@dataclass(frozen=True)
+class Formation:
+    """How the engines are joined: a strategy and its options (e.g. the number of parameter
+    servers). Fixed for the engines' life; a different one needs fresh engines."""
+
+    strategy: str
+    ps: int = 0
+
+
 class Backend(ABC):
     """A framework's part in a pool: form the group once, then give cells their names."""
 
     name: str
 
     @abstractmethod
-    def setup(self, info: RankInfo) -> None:
+    def setup(self, info: RankInfo, formation: Formation) -> None:
         """Form the process group. Called once per engine life: groups are never re-formed."""
+
+    def runs_cell(self, info: RankInfo) -> bool:
+        """Whether this rank executes cells (a parameter server only serves variables)."""
+        return True
 
     @abstractmethod
     def namespace(self, info: RankInfo) -> dict[str, Any]:

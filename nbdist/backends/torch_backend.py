@@ -8,13 +8,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nbdist.backends.base import Backend, RankInfo
+from nbdist.backends.base import Backend, Formation, RankInfo
 
 
 class TorchBackend(Backend):
     name = "torch"
 
-    def setup(self, info: RankInfo) -> None:
+    def setup(self, info: RankInfo, formation: Formation) -> None:
         os.environ.update(info.torchrun_env())
         torch.set_num_threads(info.threads)
         if dist.is_initialized():
