@@ -10,6 +10,7 @@ raw ipyparallel for the cell round trip, `torchrun --nproc_per_node=2` for throu
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -54,6 +55,34 @@ def torchrun_rate(steps: int) -> float:
     match = re.search(r"STEPS_PER_S ([0-9.]+)", out)
     assert match, out
     return float(match.group(1))
+
+
+def tf_plain_rate(steps: int) -> float:
+    """Two plain processes with hand-written TF_CONFIG, as in TensorFlow's multi-worker tutorial."""
+    ports = [free_port(), free_port()]
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for index in range(2):
+        env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
+                   TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+        procs.append(subprocess.Popen([sys.executable, str(HERE / "tf_workload.py"), f"--steps={steps}"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        if p.returncode != 0:
+            raise RuntimeError(f"plain TF worker failed:\n{out}\n{err[-3000:]}")
+    match = re.search(r"STEPS_PER_S ([0-9.]+)", outs[0][0])
+    assert match, outs[0]
+    return float(match.group(1))
+
+
+def tf_nbdist_rate(pool: nbdist.Pool, steps: int) -> float:
+    result = pool.run(
+        f"import sys\nsys.path.insert(0, {str(HERE)!r})\nfrom tf_workload import train\n"
+        f"train(strategy, steps={steps})",
+        backend="tensorflow", restart=True,
+    )
+    return float(result.value)
 
 
 def nbdist_rate(pool: nbdist.Pool, steps: int, report: bool = False, dashboard: bool = False,
@@ -128,6 +157,17 @@ def main() -> None:
                      f"grace {pool.config.grace:g} s + engine restart", "goal <= 10 s"))
         rows.append(("engine kill -9 mid-collective: reported and recovered after", f"{killed:.2f} s",
                      f"next cell re-forms the group in {reform:.2f} s", "goal <= 10 s"))
+
+        tf_steps = 200 if args.quick else 400
+        tf_nbdist_rate(pool, 20)  # switch the pool to TensorFlow (a restart) and warm it
+        tf_ours, tf_theirs = [], []
+        for _ in range(rounds):
+            tf_theirs.append(tf_plain_rate(tf_steps))
+            tf_ours.append(tf_nbdist_rate(pool, tf_steps))
+        ours_m, theirs_m = statistics.median(tf_ours), statistics.median(tf_theirs)
+        rows.append((f"TF MultiWorkerMirrored Keras fit, steps/s per worker (median of {rounds})", f"{ours_m:.1f}",
+                     f"2 processes, hand-written TF_CONFIG: {theirs_m:.1f}",
+                     f"{ours_m / theirs_m:.3f}x (goal >= 0.98x)"))
     finally:
         pool.stop()
 
