@@ -46,6 +46,7 @@ class Dashboard:
         self._background: Any = None
         self._bars: list[Any] = []
         self._mean = _MeanLoss()
+        self._finite: dict[int, _FiniteLoss] = {}
         self.full_draws = 0
         self._legend_size = 0
         self._stale: set[str] = set()
@@ -162,7 +163,7 @@ class Dashboard:
         assert store is not None and self._figure is not None
         t0 = self._started
         for rank, series in sorted(store.train.items()):
-            steps, losses = _thin(series.columns["step"], series.columns["loss"])
+            steps, losses = _thin(*self._finite.setdefault(rank, _FiniteLoss()).update(series))
             self._line("loss", rank, label=f"rank {rank}", color=f"C{rank % 10}", lw=1).set_data(steps, losses)
         mean = self._mean.update(store)
         if mean[0]:
@@ -329,6 +330,25 @@ def _nice(value: float) -> float:
         return 1.0
     power = 10.0 ** math.floor(math.log10(value))
     return next(m * power for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10) if m * power >= value * 0.9999)
+
+
+class _FiniteLoss:
+    """A rank's (step, loss) pairs without the records that carry no loss (steps counted
+    without one, e.g. under a parameter server), kept incrementally."""
+
+    def __init__(self) -> None:
+        self.steps: list[float] = []
+        self.losses: list[float] = []
+        self._seen = 0
+
+    def update(self, series: Any) -> tuple[list[float], list[float]]:
+        steps, losses = series.columns["step"], series.columns["loss"]
+        for step, loss in zip(steps[self._seen:], losses[self._seen:], strict=False):
+            if loss == loss:
+                self.steps.append(step)
+                self.losses.append(loss)
+        self._seen = len(steps)
+        return self.steps, self.losses
 
 
 class _MeanLoss:

@@ -33,12 +33,20 @@ class Reporter(tf.keras.callbacks.Callback):
         self._share = 1.0
         self._total: int | None = None
         self._remote = False
+        self._means: dict[str, float] = {}
+        self._scale = 1.0
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._step = 0
         steps, epochs = self.params.get("steps"), self.params.get("epochs")
         self._total = int(steps * epochs) if steps and epochs else None
-        self._share = _process_share(getattr(self.model, "distribute_strategy", None))
+        strategy = getattr(self.model, "distribute_strategy", None)
+        self._share = _process_share(strategy)
+        # Keras sums a batch's per-replica results ("auto" reduction), so a batch log of N
+        # replicas reads N times the value; its epoch logs come from the metrics and do not.
+        reduction = getattr(self.model, "distribute_reduction_method", "auto")
+        replicas = getattr(strategy, "num_replicas_in_sync", 1) or 1
+        self._scale = 1.0 / replicas if reduction in ("auto", "sum") else 1.0
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         if metrics.active() is None:
@@ -50,11 +58,23 @@ class Reporter(tf.keras.callbacks.Callback):
             for name, value in (logs or {}).items():
                 number = None if _is_remote(value) else _number(value)
                 if number is not None:
-                    values[name] = number
+                    values[name] = self._this_batch(name, number * self._scale, batch)
         if self.samples_per_step:
             values["samples"] = self.samples_per_step * self._share
         metrics.report(**values)
         self._step += 1
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self._means = {}
+
+    def _this_batch(self, name: str, mean: float, batch: int) -> float:
+        """Keras logs the running mean over the epoch so far; the dashboard wants this batch's
+        value, which follows from two consecutive means (exact for equal-sized batches)."""
+        previous = self._means.get(name)
+        self._means[name] = mean
+        if batch == 0 or previous is None:
+            return mean
+        return (batch + 1) * mean - batch * previous
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         if metrics.active() is None or not self._remote or logs is None:

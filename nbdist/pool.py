@@ -407,7 +407,7 @@ class Pool:
         strategy = check_choice(backend, strategy)
         formation = BACKENDS[backend].formation(strategy, ps if strategy == "ps" else 0)
         if restart and self._backend is not None and (self._backend, self._formation) != (backend, formation):
-            was = self._backend
+            was = f"{self._backend} --strategy {self._formation.strategy}"
             self.restart()
             print(f"nbdist: engines restarted to switch from {was} to {backend} --strategy {strategy} "
                   "(engine state was cleared).", file=sys.stderr)

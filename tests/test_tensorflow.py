@@ -45,6 +45,7 @@ with strategy.scope():
     model.compile(optimizer=tf.keras.optimizers.SGD(0.05), loss="mse")
 history = model.fit(dataset(), epochs=3, verbose=0)
 weights = [w.tolist() for w in model.get_weights()]
+epoch_losses = history.history["loss"]
 """
 
 CUSTOM_LOOP = """
@@ -110,6 +111,10 @@ def test_multiworker_fit_matches_one_process_with_the_global_batch(tf_pool: nbdi
         mine = train[train["rank"] == rank]
         assert mine.step.tolist() == list(range(24)) and (mine.total == 24).all()
         assert mine.loss.notna().all() and (mine.samples == 16).all()  # half of the global batch each
+        # Per-batch losses (Keras logs running means; the reporter recovers each batch's value)
+        # average back to the epoch losses Keras reports.
+        per_epoch = mine.loss.to_numpy().reshape(3, 8).mean(axis=1)
+        np.testing.assert_allclose(per_epoch, tf_pool.pull("epoch_losses", rank=rank), rtol=1e-4)
     assert dashboard.points("loss") > 0
 
 
