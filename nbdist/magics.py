@@ -76,6 +76,8 @@ def _nbdist_parser() -> _Parser:
     start = sub.add_parser("start", help="start a pool of engines")
     start.add_argument("-n", type=_positive_int, default=None, help="number of engines")
     start.add_argument("--gpus", type=_gpus, default=None, help="all | none | 0,1")
+    start.add_argument("--gpus-per-engine", type=_positive_int, default=1,
+                       help="GPUs each engine owns (e.g. 2 for TensorFlow's MirroredStrategy)")
     start.add_argument("--timeout", type=_positive_float, default=60.0, help="start timeout (s)")
     sub.add_parser("status", help="show every engine")
     sub.add_parser("stop", help="stop the pool")
@@ -183,9 +185,9 @@ class NbdistMagics(Magics):
                 "a pool is already running: use `%nbdist restart` for fresh engines, or "
                 "`%nbdist stop` first."
             )
-        config = resolve_config(args.n, args.gpus, start_timeout=args.timeout)
+        config = resolve_config(args.n, args.gpus, start_timeout=args.timeout, gpus_per_engine=args.gpus_per_engine)
         self.pool = Pool(config=config).start()
-        kind = f"GPUs {','.join(config.gpus)}" if config.uses_gpus else "CPU"
+        kind = f"GPUs {' | '.join(config.gpus)}" if config.uses_gpus else "CPU"
         print(f"nbdist: {config.n} engines ready ({kind}, {config.threads_per_engine} threads each).")
 
     def _status(self, args: argparse.Namespace | None = None) -> Any:

@@ -58,3 +58,14 @@ def test_backend_and_strategy_choices() -> None:
         check_choice("torch", "zero")
     with pytest.raises(ConfigError, match="choose one of"):
         check_choice("jax", None)
+
+
+def test_several_gpus_per_engine_for_single_process_multi_gpu_strategies() -> None:
+    env = {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    cfg = resolve_config(None, gpus_per_engine=2, environ=env, cpu_count=lambda: 8)
+    assert (cfg.n, cfg.gpus, cfg.threads_per_engine) == (2, ("0,1", "2,3"), 4)
+    assert resolve_config(1, "2,3", gpus_per_engine=2, environ=env).gpus == ("2,3",)
+    with pytest.raises(ConfigError, match="multiple of 2"):
+        resolve_config(None, "0,1,2", gpus_per_engine=2, environ=env)
+    with pytest.raises(ConfigError, match="multiple of 2"):
+        resolve_config(None, gpus_per_engine=2, environ=NO_GPU)
