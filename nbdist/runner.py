@@ -103,6 +103,11 @@ def _outcome(ar: Any, rank: int) -> CellOutcome:
     return result
 
 
+def _ranks_were(ranks: list[int]) -> str:
+    listed = ", ".join(map(str, ranks))
+    return f"Rank {listed} was" if len(ranks) == 1 else f"Ranks {listed} were"
+
+
 def _failure_error(failed: list[CellOutcome], extra: str = "", lost: bool = False) -> DistributedCellError:
     """One error for the cell: the first failing rank's traceback, others only if different."""
     failed = sorted(failed, key=lambda o: o.rank)
@@ -190,8 +195,8 @@ class CellRunner:
                     pool.recover()
                     raise _failure_error(
                         failed,
-                        f"Ranks {', '.join(map(str, stuck))} were still waiting (most likely in a "
-                        f"collective for the failed rank) and were stopped. {LOST_STATE}",
+                        f"{_ranks_were(stuck)} still waiting (most likely in a collective for the "
+                        f"failed rank) and {'was' if len(stuck) == 1 else 'were'} stopped. {LOST_STATE}",
                         lost=True,
                     )
                 if timeout is not None and now - started > timeout:

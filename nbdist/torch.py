@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from nbdist import metrics
 
-__all__ = ["device", "loader", "prepare", "unwrap"]
+__all__ = ["device", "loader", "prepare", "sync_batchnorm", "unwrap"]
 
 
 def device() -> torch.device:
@@ -124,3 +124,79 @@ def unwrap(value: Any) -> Any:
         if not on_cpu:
             value = copy.deepcopy(value).cpu()
     return value
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks, differentiably: the gradient of a global sum is the global sum of the
+    gradients, so backward all-reduces too (each rank then gets its inputs' true gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        out = grad.clone()
+        dist.all_reduce(out)
+        return out
+
+
+class _GroupBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm over the global batch for CPU (gloo) ranks, where torch's `SyncBatchNorm`
+    refuses to run: per-channel sum, sum of squares and count are all-reduced with autograd
+    (so the backward pass is synchronised too), then the batch is normalised with them."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
+            return super().forward(input)
+        channels = input.size(1)
+        dims = [0, *range(2, input.dim())]
+        count = torch.full((1,), input.numel() / channels, dtype=input.dtype, device=input.device)
+        totals = _AllReduceSum.apply(torch.cat([input.sum(dims), (input * input).sum(dims), count]))
+        n = totals[-1]
+        mean = totals[:channels] / n
+        var = totals[channels:2 * channels] / n - mean * mean
+        tracked = self.num_batches_tracked
+        if self.running_mean is not None and self.running_var is not None and tracked is not None:
+            with torch.no_grad():
+                tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(tracked)
+                self.running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
+                self.running_var.mul_(1 - momentum).add_(momentum * var.detach() * n / (n - 1))
+        shape = [1, channels] + [1] * (input.dim() - 2)
+        out = (input - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+def sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Make every BatchNorm layer normalise with the statistics of the global batch.
+
+    On GPUs this is torch's `SyncBatchNorm`; on CPU ranks (where that refuses to run) an
+    equivalent that all-reduces the statistics over gloo. Call it before `prepare`."""
+    if device().type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, _GroupBatchNorm):
+        converted = _GroupBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                    module.track_running_stats)
+        if module.affine:
+            with torch.no_grad():
+                converted.weight.copy_(module.weight)
+                converted.bias.copy_(module.bias)
+        if module.track_running_stats:
+            converted.running_mean = module.running_mean
+            converted.running_var = module.running_var
+            converted.num_batches_tracked = module.num_batches_tracked
+        converted.train(module.training)
+        return converted
+    for name, child in module.named_children():
+        module.add_module(name, sync_batchnorm(child))
+    return module
