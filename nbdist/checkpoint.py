@@ -4,6 +4,10 @@
 over the target (`os.replace` is atomic), so a process killed mid-write leaves the old
 checkpoint intact. Every rank then meets at a barrier, so after `save` returns the file is
 there for all of them. torch is imported when called (on engines), never at import.
+
+A sharded model (FSDP, tensor parallel) is saved whole: every rank takes part in gathering
+its full state before rank 0 writes it, and `restore` hands each rank back its own shard, so a
+checkpoint does not depend on the number of ranks that wrote it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,14 @@ FORMAT = "nbdist-checkpoint-1"
 
 def _unwrap(model: Any) -> Any:
     return getattr(model, "module", model)
+
+
+def _sharded(model: Any) -> bool:
+    from torch import nn
+
+    from nbdist.torch_parallel import is_sharded
+
+    return isinstance(model, nn.Module) and is_sharded(model)
 
 
 def _rank_and_barrier() -> tuple[int, Any]:
@@ -35,14 +47,19 @@ def save(path: str | os.PathLike[str], *, model: Any = None, optimizer: Any = No
 
     target = Path(path)
     rank, barrier = _rank_and_barrier()
+    model_state = optimizer_state = None
+    if model is not None and _sharded(model):  # a collective: all ranks gather, rank 0 writes
+        from nbdist.torch_parallel import full_optimizer_state_dict, full_state_dict
+
+        model_state = full_state_dict(model)
+        if optimizer is not None:
+            optimizer_state = full_optimizer_state_dict(model, optimizer)
+    elif rank == 0:
+        model_state = _unwrap(model).state_dict() if model is not None else None
+        optimizer_state = optimizer.state_dict() if optimizer is not None else None
     if rank == 0:
-        state = {
-            "format": FORMAT,
-            "step": step,
-            "model": _unwrap(model).state_dict() if model is not None else None,
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "extra": extra,
-        }
+        state = {"format": FORMAT, "step": step, "model": model_state, "optimizer": optimizer_state,
+                 "sharded": model is not None and _sharded(model), "extra": extra}
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
@@ -71,9 +88,15 @@ def restore(path: str | os.PathLike[str], *, model: Any = None, optimizer: Any =
     state = torch.load(source, map_location=device, weights_only=False)
     if state.get("format") != FORMAT:
         raise ValueError(f"{source} is not an nbdist checkpoint")
-    if model is not None:
+    if model is not None and _sharded(model):
+        from nbdist.torch_parallel import load_full_state
+
+        load_full_state(model, state["model"], optimizer, state["optimizer"] if optimizer is not None else None)
+    elif model is not None:
         _unwrap(model).load_state_dict(state["model"])
-    if optimizer is not None and state["optimizer"] is not None:
+        if optimizer is not None and state["optimizer"] is not None:
+            optimizer.load_state_dict(state["optimizer"])
+    elif optimizer is not None and state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     step: int | None = state["step"]
     return step

@@ -135,7 +135,7 @@ class Dashboard:
             "throughput": ("global throughput (samples/s)", "seconds"),
             "comm": ("share of time in gradient allreduce", "rank"),
             "load": ("device load (% of one core, or GPU util)", "seconds"),
-            "memory": ("memory per device (MB: GPU, or process RSS)", "seconds"),
+            "memory": ("memory MB: GPU or RSS, model state dashed", "seconds"),
             "steps": ("steps/s (fastest rank)", "seconds"),
         }
         for name, ax in self._axes.items():
@@ -182,6 +182,10 @@ class Dashboard:
             xs = [t - t0 for t in series.columns["t"]]
             self._line("load", rank, label=f"rank {rank}", color=f"C{rank % 10}").set_data(*_thin(xs, util))
             self._line("memory", rank, label=f"rank {rank}", color=f"C{rank % 10}").set_data(*_thin(xs, memory))
+            state = [p + g + o for p, g, o in zip(series.columns["param_mb"], series.columns["grad_mb"],
+                                                   series.columns["optim_mb"], strict=False)]
+            if any(v == v for v in state):  # parameters + gradients + optimizer state: what sharding divides
+                self._line("memory", ("state", rank), ls="--", color=f"C{rank % 10}").set_data(*_thin(xs, state))
         self._draw_comm(store)
         self._fit_axes(final)
         frame = self._encode(final)

@@ -181,7 +181,9 @@ def run_cell(
 
     reporter = metrics.Reporter(publish_data)
     metrics.activate(reporter)
-    sampler = LoadSampler(reporter.report, info.gpu if info is not None else None).start()
+    backend = _CONTEXT.backend
+    extra = (lambda: backend.memory(ns)) if backend is not None else None
+    sampler = LoadSampler(reporter.report, info.gpu if info is not None else None, extra=extra).start()
     try:
         body, last = _split_last_expression(ast.parse(code, filename))
         exec(compile(body, filename, "exec"), ns)
@@ -223,11 +225,30 @@ def _flush_streams() -> None:
             pass
 
 
-def export(name: str) -> Any:
-    """A user variable made fit for the notebook (e.g. a DDP model unwrapped, on CPU)."""
+@dataclass(frozen=True)
+class CollectiveExport:
+    """The answer "this value is sharded: ask every rank at once" to a one-rank export."""
+
+
+def export(name: str, collective: bool = False, wanted: bool = True) -> Any:
+    """A user variable made fit for the notebook (e.g. a DDP model unwrapped, on CPU).
+
+    A sharded model must be gathered by every rank together; asked alone (`collective`
+    False) this rank says so instead of blocking, and the kernel asks all ranks."""
     ns = _user_namespace()
     if name not in ns:
         raise NameError(f"name {name!r} is not defined on this engine")
     value = ns[name]
     backend = _CONTEXT.backend
-    return backend.export(value) if backend is not None else value
+    if backend is None:
+        return value
+    if not collective and backend.export_is_collective(value):
+        return CollectiveExport()
+    exported = backend.export(value)
+    return exported if wanted else None
+
+
+def memory() -> dict[str, float]:
+    """Model-state memory on this rank, for `%nbdist status` and the dashboard."""
+    backend = _CONTEXT.backend
+    return backend.memory(_user_namespace()) if backend is not None else {}

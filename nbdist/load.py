@@ -35,8 +35,9 @@ class LoadSampler:
     """A daemon thread that samples about twice a second and hands records to `sink`."""
 
     def __init__(self, sink: Callable[[dict[str, Any]], None], gpu: str | None,
-                 interval: float = SAMPLE_SECONDS) -> None:
+                 interval: float = SAMPLE_SECONDS, extra: Callable[[], dict[str, float]] | None = None) -> None:
         self._sink = sink
+        self._extra = extra  # e.g. the backend's parameter / gradient / optimizer memory
         self._interval = interval
         self._gpu = _gpu_probe(gpu)
         self._process = psutil.Process()
@@ -56,6 +57,11 @@ class LoadSampler:
         }
         if self._gpu is not None:
             record.update(self._gpu())
+        if self._extra is not None:
+            try:
+                record.update(self._extra())
+            except RuntimeError:  # the cell changed its namespace mid-scan: next sample
+                pass
         return record
 
     def _loop(self) -> None:

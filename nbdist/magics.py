@@ -193,10 +193,13 @@ class NbdistMagics(Magics):
     def _status(self, args: argparse.Namespace | None = None) -> Any:
         import pandas as pd
 
-        rows = self._require_pool().status()
+        pool = self._require_pool()
+        rows = pool.status()
+        memory = pool.memory() if pool.backend is not None else [{} for _ in rows]
         return pd.DataFrame(
             [{"rank": r.rank, "engine": r.engine_id, "host": r.host, "pid": r.pid,
-              "device": r.device, "state": r.state} for r in rows]
+              "device": r.device, "state": r.state, **{k: round(v, 3) for k, v in m.items()}}
+             for r, m in zip(rows, memory, strict=True)]
         ).set_index("rank")
 
     def _stop(self, args: argparse.Namespace) -> None:

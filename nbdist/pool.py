@@ -306,7 +306,29 @@ class Pool:
         self._require_running()
         if not isinstance(rank, int) or not 0 <= rank < len(self._engines):
             raise ConfigError(f"--rank {rank!r} is out of range: ranks are 0..{len(self._engines) - 1}.")
-        return self._views[rank].apply_sync(engine_side.export, name)
+        value = self._views[rank].apply_sync(engine_side.export, name)
+        if isinstance(value, engine_side.CollectiveExport):  # sharded: every rank gathers it together
+            from nbdist.runner import gather_or_fail
+
+            pending = [view.apply_async(engine_side.export, name, True, r == rank)
+                       for r, view in enumerate(self._views)]
+            gathered = gather_or_fail(self, pending, what=f"gathering {name}", timeout=self.config.start_timeout)
+            value = gathered[rank]
+        return value
+
+    def memory(self, timeout: float = 5.0) -> list[dict[str, float]]:
+        """Per rank: parameter, gradient and optimizer-state MB held (what sharding divides);
+        empty for a rank that is dead or does not answer within `timeout`."""
+        self._require_running()
+        dead = {x.rank for x in self.exits()}
+        pending = {r: v.apply_async(engine_side.memory) for r, v in enumerate(self._views) if r not in dead}
+        rows: list[dict[str, float]] = []
+        for rank in range(len(self._views)):
+            try:
+                rows.append(pending[rank].get(timeout=timeout) if rank in pending else {})
+            except Exception:  # noqa: BLE001 - a busy or failing engine: no figure rather than a hang
+                rows.append({})
+        return rows
 
     # -- running code ----------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from typing import Any
 from nbdist.metrics import KEY_PREFIX
 
 TRAIN_FIELDS = ("t", "step", "loss", "samples", "comm_s")
-LOAD_FIELDS = ("t", "cpu", "rss_mb", "gpu_util", "gpu_mem_mb")
+LOAD_FIELDS = ("t", "cpu", "rss_mb", "gpu_util", "gpu_mem_mb", "param_mb", "grad_mb", "optim_mb")
 
 
 @dataclass

@@ -18,9 +18,12 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from nbdist import metrics
+from nbdist import metrics, torch_parallel
 
-__all__ = ["device", "loader", "prepare", "sync_batchnorm", "unwrap"]
+__all__ = [
+    "Pipeline", "attention_plan", "device", "loader", "mlp_plan", "pipeline", "prepare", "shard", "sync_batchnorm",
+    "tensor_parallel", "unwrap",
+]
 
 
 def device() -> torch.device:
@@ -37,22 +40,40 @@ def _strategy() -> str:
     return current().strategy or "ddp"
 
 
-def prepare(model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
-    """Move the model to this rank's device and wrap it for the cell's strategy (DDP)."""
+def prepare(model: nn.Module, **options: Any) -> Any:
+    """Place the model on this rank's device and parallelise it the way the cell's
+    `--strategy` says: `ddp` (DistributedDataParallel, options go to it), `fsdp` (sharded
+    with FSDP2; `layers=` picks the module types sharded one by one), `tensor` (DTensor
+    tensor parallelism; `plan=`, default `mlp_plan`), `pipeline` (one stage per rank, see
+    `pipeline`: `microbatches=`, `schedule=`, `loss_fn=`, `split=`)."""
     if not dist.is_initialized():
         raise RuntimeError(
             "no process group: run this in a %%distributed cell (or under torchrun after "
             "init_process_group)"
         )
     strategy = _strategy()
-    if strategy != "ddp":
-        raise ValueError(f"nbdist.torch.prepare does not support strategy {strategy!r} yet")
+    if strategy == "fsdp":
+        return torch_parallel.shard(model, **options)
+    if strategy == "tensor":
+        return torch_parallel.tensor_parallel(model, **options)
+    if strategy == "pipeline":
+        return torch_parallel.pipeline(model, **options)
     dev = device()
     model = model.to(dev)
     device_ids = [dev.index] if dev.type == "cuda" else None
-    ddp = DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs)
+    ddp = DistributedDataParallel(model, device_ids=device_ids, **options)
     ddp.register_comm_hook(state=None, hook=_timed_allreduce)
     return ddp
+
+
+# The model-parallel helpers, also callable directly (e.g. `nbdist.torch.pipeline(...)` in a
+# cell whose strategy is ddp, to compare).
+shard = torch_parallel.shard
+pipeline = torch_parallel.pipeline
+tensor_parallel = torch_parallel.tensor_parallel
+mlp_plan = torch_parallel.mlp_plan
+attention_plan = torch_parallel.attention_plan
+Pipeline = torch_parallel.Pipeline
 
 
 def _timed_allreduce(
@@ -116,9 +137,16 @@ def loader(
 
 
 def unwrap(value: Any) -> Any:
-    """A model without its DDP wrapper and on the CPU, fit to be pulled into the notebook."""
+    """A model without its DDP wrapper and on the CPU, fit to be pulled into the notebook.
+
+    A sharded model (FSDP, tensor parallel) comes back whole; gathering it is a collective,
+    so every rank must call this together (`%nbdist pull` arranges that)."""
+    if isinstance(value, torch_parallel.Pipeline):
+        value = value.module  # this rank's stage
     if isinstance(value, DistributedDataParallel):
         value = value.module
+    if isinstance(value, nn.Module) and torch_parallel.is_sharded(value):
+        return torch_parallel.plain_copy(value)
     if isinstance(value, nn.Module):
         on_cpu = all(p.device.type == "cpu" for p in value.parameters())
         if not on_cpu:

@@ -32,7 +32,7 @@ class BackendSpec:
 
 
 BACKENDS: dict[str, BackendSpec] = {
-    "torch": BackendSpec("nbdist.backends.torch_backend:TorchBackend", ("ddp",)),
+    "torch": BackendSpec("nbdist.backends.torch_backend:TorchBackend", ("ddp", "fsdp", "pipeline", "tensor")),
     "tensorflow": BackendSpec(
         "nbdist.backends.tensorflow_backend:TensorFlowBackend", ("multiworker", "ps", "mirrored"),
         formed_per_strategy=True, needs_peers=True,

@@ -71,5 +71,13 @@ class Backend(ABC):
         """Make a value fit to leave the engine (unwrap parallel wrappers, move to CPU)."""
         return value
 
+    def export_is_collective(self, value: Any) -> bool:
+        """Whether exporting `value` needs every rank (gathering a sharded model)."""
+        return False
+
+    def memory(self, namespace: dict[str, Any]) -> dict[str, float]:
+        """Model-state memory this rank holds (e.g. parameter / gradient / optimizer MB)."""
+        return {}
+
     def describe_device(self, info: RankInfo) -> str:
         return f"cuda:{info.gpu}" if info.gpu is not None else "cpu"

@@ -43,5 +43,15 @@ class TorchBackend(Backend):
 
         return unwrap(value)
 
+    def export_is_collective(self, value: Any) -> bool:
+        from nbdist.torch_parallel import is_sharded
+
+        return isinstance(value, torch.nn.Module) and is_sharded(value)
+
+    def memory(self, namespace: dict[str, Any]) -> dict[str, float]:
+        from nbdist.torch_parallel import memory
+
+        return memory(namespace)
+
     def describe_device(self, info: RankInfo) -> str:
         return f"cuda:{info.gpu}" if info.gpu is not None else f"cpu ({info.threads} threads)"
