@@ -56,6 +56,29 @@ def torchrun_rate(steps: int) -> float:
     return float(match.group(1))
 
 
+def torchrun_parallel(strategy: str, steps: int) -> tuple[float, float]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         str(HERE / "parallel_workload.py"), f"--strategy={strategy}", f"--steps={steps}"],
+        capture_output=True, text=True, env=env, cwd=HERE, timeout=600,
+    )
+    match = re.search(r"STEPS_PER_S ([0-9.]+) MODEL_MB ([0-9.]+)", done.stdout)
+    if match is None:
+        raise RuntimeError(f"torchrun {strategy} failed:\n{done.stdout}\n{done.stderr[-3000:]}")
+    return float(match.group(1)), float(match.group(2))
+
+
+def nbdist_parallel(pool: nbdist.Pool, strategy: str, steps: int) -> tuple[float, float]:
+    result = pool.run(
+        f"import sys\nsys.path.insert(0, {str(HERE)!r})\nfrom parallel_workload import train\n"
+        f"train({strategy!r}, steps={steps})",
+        strategy=strategy,
+    )
+    rate, mb = result.value
+    return float(rate), float(mb)
+
+
 def tf_plain_rate(steps: int) -> float:
     """Two plain processes with hand-written TF_CONFIG, as in TensorFlow's multi-worker tutorial."""
     ports = [free_port(), free_port()]
@@ -156,6 +179,19 @@ def main() -> None:
                      f"grace {pool.config.grace:g} s + engine restart", "goal <= 10 s"))
         rows.append(("engine kill -9 mid-collective: reported and recovered after", f"{killed:.2f} s",
                      f"next cell re-forms the group in {reform:.2f} s", "goal <= 10 s"))
+
+        par_steps = 60 if args.quick else 150
+        for strategy in ("fsdp", "pipeline", "tensor"):
+            nbdist_parallel(pool, strategy, 10)  # warm
+            ours_p, theirs_p = [], []
+            for _ in range(rounds):
+                theirs_p.append(torchrun_parallel(strategy, par_steps))
+                ours_p.append(nbdist_parallel(pool, strategy, par_steps))
+            ours_m = statistics.median(r for r, _ in ours_p)
+            theirs_m = statistics.median(r for r, _ in theirs_p)
+            rows.append((f"--strategy {strategy}: steps/s per rank, model state MB on rank 0", f"{ours_m:.1f}, "
+                         f"{ours_p[0][1]:.2f} MB", f"torchrun: {theirs_m:.1f}, {theirs_p[0][1]:.2f} MB",
+                         f"{ours_m / theirs_m:.3f}x (goal >= 0.98x)"))
 
         tf_steps = 200 if args.quick else 400
         tf_nbdist_rate(pool, 20)  # switch the pool to TensorFlow (a restart) and warm it

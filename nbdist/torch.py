@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from nbdist import metrics, torch_parallel
 
 __all__ = [
-    "Pipeline", "attention_plan", "device", "loader", "mlp_plan", "pipeline", "prepare", "shard", "sync_batchnorm",
-    "tensor_parallel", "unwrap",
+    "Pipeline", "attention_plan", "autocast", "device", "loader", "mlp_plan", "pipeline", "prepare", "shard",
+    "sync_batchnorm", "tensor_parallel", "unwrap",
 ]
 
 
@@ -228,3 +228,14 @@ def sync_batchnorm(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         module.add_module(name, sync_batchnorm(child))
     return module
+
+
+def autocast(enabled: bool = True) -> Any:
+    """Mixed precision where this rank's device supports it: float16 autocast on CUDA GPUs
+    (bfloat16 where the GPU has it), bfloat16 on CPUs. Use with a gradient scaler for float16."""
+    dev = device()
+    if dev.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = torch.bfloat16
+    return torch.autocast(device_type=dev.type, dtype=dtype, enabled=enabled)

@@ -74,3 +74,16 @@ result = (len(calls), model.weight.grad.clone())
         calls, grad = pool.pull("result", rank=rank)
         assert calls == 1  # one all-reduce for 4 micro-batches
         torch.testing.assert_close(grad, model.weight.grad)
+
+
+def test_autocast_runs_matmuls_in_reduced_precision_on_this_device(pool: nbdist.Pool) -> None:
+    dtypes = pool.run("""
+import torch
+layer = torch.nn.Linear(8, 8)
+with nbdist.torch.autocast():
+    inside = layer(torch.randn(2, 8)).dtype
+with nbdist.torch.autocast(enabled=False):
+    outside = layer(torch.randn(2, 8)).dtype
+str(inside), str(outside)
+""").value
+    assert dtypes == ("torch.bfloat16", "torch.float32")  # CPU engines: bfloat16
