@@ -118,31 +118,86 @@ def nbdist_rate(pool: nbdist.Pool, steps: int, report: bool = False, dashboard: 
     return float(result.value)
 
 
+def measure_peers(steps: int, repeats: int) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """Each peer in its own subprocess (their install on PYTHONPATH only there)."""
+    from peers import setup
+
+    versions = setup.ensure()
+    results = {}
+    env = dict(setup.env(), OMP_NUM_THREADS="1")
+    for name, args in (("nbdistributed", [str(HERE), str(steps), str(repeats)]),
+                       ("accelerate", [str(HERE), str(steps)])):
+        done = subprocess.run([sys.executable, str(HERE / "peers" / f"{name}_peer.py"), *args], capture_output=True,
+                              text=True, env=env, cwd=HERE, timeout=900)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+        if done.returncode != 0 or not lines:
+            raise RuntimeError(f"peer {name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        results[name] = json.loads(lines[-1])
+    return results, versions
+
+
+def chart(ratios: list[tuple[str, float, float]], path: Path) -> None:
+    """Bars of nbdist / baseline per measure, with the goal marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * len(ratios)))
+    names = [r[0] for r in ratios]
+    values = [r[1] for r in ratios]
+    colors = ["tab:green" if (v >= g if g >= 1 else v <= 1 / g) else "tab:red" for _, v, g in ratios]
+    ax.barh(names, values, color=colors)
+    ax.axvline(1.0, color="black", lw=1)
+    for i, (_, v, _) in enumerate(ratios):
+        ax.text(v, i, f" {v:.2f}x", va="center", fontsize=8)
+    ax.set_xlabel("nbdist relative to the baseline (green: goal met)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-peers", action="store_true", help="skip nbdistributed and Accelerate")
     args = parser.parse_args()
     repeats = 20 if args.quick else 50
     steps = 300 if args.quick else 600
     rounds = 2 if args.quick else 3
     dash_steps = 12000  # ~20 s of a 400+ steps/s cell: the dashboard's first draw is paid once per cell
     rows: list[tuple[str, str, str, str]] = []
+    ratios: list[tuple[str, float, float]] = []  # (measure, speed ratio where >1 is better, goal)
+    peers, versions = ({}, {}) if args.no_peers else measure_peers(steps, repeats)
+    nbd, acc = peers.get("nbdistributed"), peers.get("accelerate")
 
     t0 = time.perf_counter()
     pool = nbdist.Pool(n=2).start()
     started = time.perf_counter() - t0
     pool.run("import torch.distributed as dist\ndist.get_world_size()")
     first = time.perf_counter() - t0
-    rows.append(("cold start: Pool.start + first cell (torch, process group)", f"{first:.2f} s",
-                 f"engines up in {started:.2f} s", ""))
+    cold_base = f"engines up in {started:.2f} s"
+    cold_ratio = ""
+    if nbd and acc:
+        fastest = min(nbd["cold_s"], acc["cold_s"])
+        cold_base += f"; nbdistributed {nbd['cold_s']:.2f} s, notebook_launcher {acc['cold_s']:.2f} s"
+        cold_ratio = f"{first / fastest:.2f}x the fastest peer (goal <= 1x)"
+        ratios.append(("cold start vs fastest peer", fastest / first, 1.0))
+    rows.append(("cold start: Pool.start + first cell (torch, process group)", f"{first:.2f} s", cold_base,
+                 cold_ratio))
     try:
         view_all = pool.views[0].client[[e.engine_id for e in pool.engines]]
         empty = median_ms(lambda: pool.run(""), repeats)
         raw_all = median_ms(lambda: view_all.apply_sync(lambda: None), repeats)
         raw_one = median_ms(lambda: pool.views[0].apply_sync(lambda: None), repeats)
-        rows.append((f"warm empty cell, median of {repeats}", f"{empty:.2f} ms",
-                     f"apply_sync on both engines {raw_all:.2f} ms / one engine {raw_one:.2f} ms",
+        warm_base = f"apply_sync on both engines {raw_all:.2f} ms / one engine {raw_one:.2f} ms"
+        if nbd:
+            warm_base += f"; nbdistributed {nbd['warm_ms']:.1f} ms"
+        rows.append((f"warm empty cell, median of {repeats}", f"{empty:.2f} ms", warm_base,
                      f"{empty / raw_all:.2f}x / {empty / raw_one:.2f}x (goal <= 2x)"))
+        ratios.append(("warm cell vs raw apply_sync (goal >= 0.5)", raw_all / empty, 0.5))
+        if nbd:
+            ratios.append(("warm cell vs nbdistributed", nbd["warm_ms"] / empty, 1.0))
 
         nbdist_rate(pool, 50)  # warm: imports, DDP construction paths
         ours, theirs, dash_on, dash_off = [], [], [], []
@@ -153,11 +208,25 @@ def main() -> None:
             dash_off.append(nbdist_rate(pool, dash_steps, report=True, width=64))
             dash_on.append(nbdist_rate(pool, dash_steps, report=True, dashboard=True, width=64))
         ours_m, theirs_m = statistics.median(ours), statistics.median(theirs)
+        through_base = f"torchrun --nproc_per_node=2: {theirs_m:.1f}"
+        if nbd and acc:
+            through_base += (f"; nbdistributed {nbd['steps_per_s']:.1f} ({nbd['steps_per_s'] / theirs_m:.3f}x), "
+                             f"notebook_launcher {acc['steps_per_s']:.1f} ({acc['steps_per_s'] / theirs_m:.3f}x)")
         rows.append((f"DDP MLP throughput, steps/s per rank (median of {rounds})", f"{ours_m:.1f}",
-                     f"torchrun --nproc_per_node=2: {theirs_m:.1f}", f"{ours_m / theirs_m:.3f}x (goal >= 0.98x)"))
+                     through_base, f"{ours_m / theirs_m:.3f}x (goal >= 0.98x)"))
+        ratios.append(("DDP throughput vs torchrun", ours_m / theirs_m, 0.98))
+        if acc:
+            t = time.perf_counter()
+            nbdist_rate(pool, 50)
+            rerun = time.perf_counter() - t
+            rows.append(("re-run cost: a second 50-step training cell", f"{rerun:.2f} s",
+                         f"notebook_launcher re-launching its workers: {acc['rerun_s']:.2f} s",
+                         f"{rerun / acc['rerun_s']:.2f}x"))
+            ratios.append(("re-run cost vs notebook_launcher", acc["rerun_s"] / rerun, 1.0))
         on_m, off_m = statistics.median(dash_on), statistics.median(dash_off)
         rows.append(("report() every step, dashboard on vs off (small MLP)", f"{on_m:.1f} steps/s",
                      f"dashboard off: {off_m:.1f} steps/s", f"{on_m / off_m:.3f}x (goal >= 0.98x)"))
+        ratios.append(("dashboard on vs off", on_m / off_m, 0.98))
 
         t = time.perf_counter()
         try:
@@ -192,6 +261,7 @@ def main() -> None:
             rows.append((f"--strategy {strategy}: steps/s per rank, model state MB on rank 0", f"{ours_m:.1f}, "
                          f"{ours_p[0][1]:.2f} MB", f"torchrun: {theirs_m:.1f}, {theirs_p[0][1]:.2f} MB",
                          f"{ours_m / theirs_m:.3f}x (goal >= 0.98x)"))
+            ratios.append((f"{strategy} vs torchrun", ours_m / theirs_m, 0.98))
 
         tf_steps = 200 if args.quick else 400
         tf_nbdist_rate(pool, 20)  # switch the pool to TensorFlow (a restart) and warm it
@@ -203,11 +273,16 @@ def main() -> None:
         rows.append((f"TF MultiWorkerMirrored Keras fit, steps/s per worker (median of {rounds})", f"{ours_m:.1f}",
                      f"2 processes, hand-written TF_CONFIG: {theirs_m:.1f}",
                      f"{ours_m / theirs_m:.3f}x (goal >= 0.98x)"))
+        ratios.append(("TF multiworker vs plain TF_CONFIG", ours_m / theirs_m, 0.98))
     finally:
         pool.stop()
 
+    import torch
+
     print(f"\nnbdist benchmarks on {platform.node()} ({os.cpu_count()} cores, {platform.machine()}, "
-          f"Python {platform.python_version()})\n")
+          f"Python {platform.python_version()}, torch {torch.__version__}"
+          + "".join(f", {k} {v}" for k, v in versions.items()) + ")\n")
+    chart(ratios, HERE / "results.png")
     widths = [max(len(r[i]) for r in rows + [("measure", "nbdist", "baseline", "ratio")]) for i in range(4)]
     header = ("measure", "nbdist", "baseline", "ratio")
     for row in [header, tuple("-" * w for w in widths), *rows]:

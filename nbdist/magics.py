@@ -196,9 +196,11 @@ class NbdistMagics(Magics):
         pool = self._require_pool()
         rows = pool.status()
         memory = pool.memory() if pool.backend is not None else [{} for _ in rows]
+        # Fixed column order: serialisation from the engines does not keep dict order.
+        mem_cols = [c for c in ("param_mb", "grad_mb", "optim_mb") if any(c in m for m in memory)]
         return pd.DataFrame(
             [{"rank": r.rank, "engine": r.engine_id, "host": r.host, "pid": r.pid,
-              "device": r.device, "state": r.state, **{k: round(v, 3) for k, v in m.items()}}
+              "device": r.device, "state": r.state, **{k: round(m[k], 3) if k in m else None for k in mem_cols}}
              for r, m in zip(rows, memory, strict=True)]
         ).set_index("rank")
 

@@ -42,8 +42,10 @@ def test_push_pull_status_through_magics(shell: InteractiveShell, magics: Nbdist
     assert shell.user_ns["scaled"] == 0.25
     capsys.readouterr()
     status = run(shell, "%nbdist status").result
-    assert list(status.columns) == ["engine", "host", "pid", "device", "state"]
+    # torch is formed, so the per-rank model-state columns show; no model yet: nothing held
+    assert list(status.columns) == ["engine", "host", "pid", "device", "state", "param_mb", "grad_mb", "optim_mb"]
     assert list(status.index) == [0, 1] and set(status.state) == {"idle"}
+    assert status.param_mb.tolist() == [0.0, 0.0]
 
 
 def test_traceback_points_at_the_cell_line(shell: InteractiveShell, magics: NbdistMagics,
