@@ -27,5 +27,8 @@ def ensure() -> dict[str, str]:
 
 def env() -> dict[str, str]:
     import os
+    import sys
 
-    return dict(os.environ, PYTHONPATH=f"{TARGET}{os.pathsep}{HERE}")
+    # nbdistributed starts its workers as plain `python`: make that this interpreter.
+    path = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"
+    return dict(os.environ, PYTHONPATH=f"{TARGET}{os.pathsep}{HERE}", PATH=path)
