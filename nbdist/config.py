@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from nbdist.devices import visible_gpus
 from nbdist.errors import ConfigError
+from nbdist.launch import LaunchPlan, engine_count
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,10 @@ class PoolConfig:
     start_timeout: float = 60.0
     grace: float = 2.0
     """Seconds the other ranks get to finish after one rank fails before they are freed by force."""
+    launch: LaunchPlan = LaunchPlan()
+    """Where the engines run (this machine unless told otherwise)."""
+    use_gpus: bool = True
+    """For engines on other hosts: one GPU each of their host's (False: CPU engines)."""
 
     @property
     def uses_gpus(self) -> bool:
@@ -54,6 +59,7 @@ def resolve_config(
     start_timeout: float = 60.0,
     grace: float = 2.0,
     gpus_per_engine: int = 1,
+    launch: LaunchPlan | None = None,
     environ: Mapping[str, str] | None = None,
     cpu_count: Callable[[], int | None] = os.cpu_count,
 ) -> PoolConfig:
@@ -65,6 +71,8 @@ def resolve_config(
         raise ConfigError(f"-n {n!r} is not valid: the number of engines must be a whole number, at least 1.")
     if start_timeout <= 0:
         raise ConfigError(f"start timeout {start_timeout!r} must be positive.")
+    if launch is not None and launch.remote:
+        return _remote_config(n, gpus, launch, start_timeout, grace, gpus_per_engine)
 
     visible = visible_gpus(env)
     if gpus is None:
@@ -113,4 +121,23 @@ def resolve_config(
         threads_per_engine=max(1, cores // count),
         start_timeout=start_timeout,
         grace=grace,
+        launch=launch or LaunchPlan(),
     )
+
+
+def _remote_config(n: int | None, gpus: str | tuple[str, ...] | None, launch: LaunchPlan,
+                   start_timeout: float, grace: float, gpus_per_engine: int) -> PoolConfig:
+    """Engines elsewhere: their GPUs and cores are theirs to report once they run."""
+    if isinstance(gpus, tuple):
+        raise ConfigError(
+            f"--gpus {','.join(gpus)} names GPUs of this machine, but the engines run on other hosts, where "
+            "each engine gets one of its host's GPUs: leave --gpus out, or use --gpus none for CPU engines."
+        )
+    if gpus_per_engine != 1:
+        raise ConfigError("--gpus-per-engine applies to engines on this machine only.")
+    if launch.connect is not None:
+        count = n or 0  # 0: every engine the running cluster has
+    else:
+        count = engine_count(launch, n) or 2
+    return PoolConfig(n=count, gpus=(), threads_per_engine=0, start_timeout=start_timeout, grace=grace,
+                      launch=launch, use_gpus=gpus != "none")

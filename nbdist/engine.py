@@ -20,6 +20,8 @@ from typing import Any
 
 from nbdist import metrics
 from nbdist.backends import Backend, Formation, RankInfo, load_backend
+from nbdist.devices import scheduler_local_rank, visible_gpus
+from nbdist.launch import LOOPBACK, route_address
 from nbdist.load import LoadSampler
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -27,8 +29,16 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 
 @dataclass(frozen=True)
 class EngineFacts:
+    """What an engine reports about its machine before it is given a rank."""
+
     host: str
     pid: int
+    address: str = LOOPBACK
+    """This engine's address on the route to the controller: one the other hosts can reach."""
+    interface: str | None = None
+    cores: int = 1
+    gpus: tuple[str, ...] = ()
+    scheduler_local_rank: int | None = None
 
 
 @dataclass
@@ -76,7 +86,27 @@ class RemoteValue:
         return str(self.data.get("text/plain", "<value on engine>"))
 
 
-def describe(gpu: str | None, threads: int) -> EngineFacts:
+def probe(controller: str) -> EngineFacts:
+    """Report this engine's host, reachable address, cores and GPUs (nothing is changed)."""
+    address = LOOPBACK if controller == LOOPBACK else route_address(controller)
+    interface = None
+    if address != LOOPBACK:
+        import psutil
+
+        interface = next((name for name, addrs in psutil.net_if_addrs().items()
+                          if any(a.address == address for a in addrs)), None)
+    return EngineFacts(
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        address=address,
+        interface=interface,
+        cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+        gpus=visible_gpus(os.environ),
+        scheduler_local_rank=scheduler_local_rank(os.environ),
+    )
+
+
+def describe(gpu: str | None, threads: int) -> None:
     """Pin the engine to its GPU and thread share. Must run before any framework import."""
     if gpu is not None:
         if "torch" in sys.modules or "tensorflow" in sys.modules:
@@ -84,7 +114,6 @@ def describe(gpu: str | None, threads: int) -> EngineFacts:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     for name in THREAD_VARIABLES:
         os.environ[name] = str(threads)
-    return EngineFacts(host=socket.gethostname(), pid=os.getpid())
 
 
 def free_port(bind_addr: str) -> int:

@@ -4,6 +4,10 @@ ipyparallel starts its processes in their own sessions, so a notebook kernel kil
 SIGKILL would leave them running. The launchers still start them (through `controller_cmd`
 and `engine_cmd`); this module only puts a watcher in front of ipyparallel's own entry
 point: `python -m nbdist.guard OWNER_PID ipyparallel.engine [args...]`.
+
+On another host the owner's PID means nothing, so a remote engine watches the controller
+instead (`watch:HOST:PORT`): the controller is guarded by the owner, and once its port
+stops answering the engine ends too, even while a cell is stuck in a collective.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import os
 import runpy
 import select
+import socket
 import sys
 import threading
 
@@ -31,8 +36,24 @@ def _wait_for_exit(owner: int) -> None:
         os.close(fd)
 
 
-def _exit_with_owner(owner: int) -> None:
-    _wait_for_exit(owner)
+def _wait_for_controller(host: str, port: int, misses: int = 3, period: float = 1.0) -> None:
+    """Block until the controller's port has refused (or timed out) `misses` times in a row."""
+    missed = 0
+    while missed < misses:
+        threading.Event().wait(period)
+        try:
+            with socket.create_connection((host, port), timeout=period):
+                missed = 0
+        except OSError:
+            missed += 1
+
+
+def _exit_with_owner(owner: str) -> None:
+    if owner.startswith("watch:"):
+        host, _, port = owner.removeprefix("watch:").rpartition(":")
+        _wait_for_controller(host, int(port))
+    else:
+        _wait_for_exit(int(owner))
     me = psutil.Process()
     for child in me.children(recursive=True):
         try:
@@ -43,7 +64,7 @@ def _exit_with_owner(owner: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-    owner, module, rest = int(argv[1]), argv[2], argv[3:]
+    owner, module, rest = argv[1], argv[2], argv[3:]
     threading.Thread(target=_exit_with_owner, args=(owner,), name="nbdist-guard", daemon=True).start()
     sys.argv = [module, *rest]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -52,6 +73,11 @@ def main(argv: list[str]) -> None:
 def command(owner: int, module: str) -> list[str]:
     """The launch command for `module` guarded by `owner` (used as controller_cmd/engine_cmd)."""
     return [sys.executable, "-m", "nbdist.guard", str(owner), module]
+
+
+def remote_command(python: str, controller: str, port: int, module: str) -> list[str]:
+    """The same, for a process on another host: it ends when the controller stops answering."""
+    return [python, "-m", "nbdist.guard", f"watch:{controller}:{port}", module]
 
 
 if __name__ == "__main__":

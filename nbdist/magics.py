@@ -14,6 +14,7 @@ from nbdist.backends import BACKENDS
 from nbdist.config import parse_gpus, resolve_config
 from nbdist.dashboard import Dashboard
 from nbdist.errors import DistributedCellError, NbdistError
+from nbdist.launch import make_plan
 from nbdist.pool import Pool
 
 
@@ -79,6 +80,20 @@ def _nbdist_parser() -> _Parser:
     start.add_argument("--gpus-per-engine", type=_positive_int, default=1,
                        help="GPUs each engine owns (e.g. 2 for TensorFlow's MirroredStrategy)")
     start.add_argument("--timeout", type=_positive_float, default=60.0, help="start timeout (s)")
+    remote = start.add_argument_group("engines on other hosts (ipyparallel's launchers)")
+    remote.add_argument("--hosts", default=None, help="h1:2,h2:2 - engines per host, started over SSH")
+    remote.add_argument("--hosts-file", default=None, help="a file of `host[:N]` or `host slots=N` lines")
+    remote.add_argument("--launcher", default=None, help="local | ssh | mpi | slurm | pbs")
+    remote.add_argument("--python", default=None, help="the Python on the remote hosts")
+    remote.add_argument("--ssh-args", default=None, help='extra ssh options, e.g. "-i ~/.ssh/key -p 2222"')
+    remote.add_argument("--interface", default=None,
+                        help="address or interface the controller listens on for remote engines")
+    remote.add_argument("--partition", default=None, help="Slurm partition / PBS queue")
+    remote.add_argument("--account", default=None, help="Slurm account")
+    remote.add_argument("--time", default=None, help="Slurm time limit, e.g. 01:00:00")
+    remote.add_argument("--mpi-args", default=None, help='extra mpiexec arguments, e.g. "--oversubscribe"')
+    remote.add_argument("--connect", default=None, metavar="PROFILE_OR_FILE",
+                        help="join a running ipyparallel cluster (profile name or ipcontroller-client.json)")
     sub.add_parser("status", help="show every engine")
     sub.add_parser("stop", help="stop the pool")
     sub.add_parser("restart", help="fresh engines (engine state is lost)")
@@ -185,10 +200,15 @@ class NbdistMagics(Magics):
                 "a pool is already running: use `%nbdist restart` for fresh engines, or "
                 "`%nbdist stop` first."
             )
-        config = resolve_config(args.n, args.gpus, start_timeout=args.timeout, gpus_per_engine=args.gpus_per_engine)
+        plan = make_plan(
+            args.launcher, hosts=args.hosts, hosts_file=args.hosts_file, python=args.python,
+            ssh_args=args.ssh_args, interface=args.interface, partition=args.partition, account=args.account,
+            time=args.time, mpi_args=args.mpi_args, connect=args.connect,
+        )
+        config = resolve_config(args.n, args.gpus, start_timeout=args.timeout, gpus_per_engine=args.gpus_per_engine,
+                                launch=plan)
         self.pool = Pool(config=config).start()
-        kind = f"GPUs {' | '.join(config.gpus)}" if config.uses_gpus else "CPU"
-        print(f"nbdist: {config.n} engines ready ({kind}, {config.threads_per_engine} threads each).")
+        print(f"nbdist: {self.pool.summary()}")
 
     def _status(self, args: argparse.Namespace | None = None) -> Any:
         import pandas as pd

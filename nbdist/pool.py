@@ -5,6 +5,7 @@ This is the product; `%nbdist`, `%%distributed` and the widgets are thin views o
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -26,11 +27,11 @@ from nbdist.backends import BACKENDS, Formation, RankInfo, check_choice
 from nbdist.config import PoolConfig, resolve_config
 from nbdist.errors import ConfigError, PoolStartError, PoolStateError
 from nbdist.history import History
+from nbdist.launch import LOOPBACK, controller_address, engine_launcher_config
+from nbdist.placement import place
 
 if TYPE_CHECKING:
     from nbdist.runner import CellResult
-
-LOOPBACK = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,10 @@ class EngineInfo:
     pid: int
     gpu: str | None
     device: str
+    address: str = LOOPBACK
+    """Where this engine's host is reached from the others (loopback on one machine)."""
+    interface: str | None = None
+    threads: int = 1
 
 
 @dataclass(frozen=True)
@@ -62,10 +67,14 @@ class EngineExit:
     host: str
     pid: int
     exit_code: int | None
+    lost: bool = False
+    """Seen only as gone from the controller (an engine on another host, or its host, died)."""
 
     def describe(self) -> str:
         code = self.exit_code
-        if code is None:
+        if self.lost:
+            how = "stopped answering the controller (the engine or its host is gone)"
+        elif code is None:
             how = "exited"
         elif code < 0:
             try:
@@ -116,15 +125,17 @@ class Pool:
         """Start the controller and engines, and wait until every engine has registered."""
         if self._cluster is not None:
             raise PoolStateError("the pool is already running: use restart() or stop() first.")
-        cfg = self.config
+        cfg, plan = self.config, self.config.launch
+        if not plan.owns_engines:
+            return self._connect()
         launch = Config()
         launch.ControllerLauncher.controller_cmd = guard.command(os.getpid(), "ipyparallel.controller")
-        launch.EngineLauncher.engine_cmd = guard.command(os.getpid(), "ipyparallel.engine")
+        self._controller_ip = controller_address(plan)
         cluster = ipp.Cluster(
             config=launch,
             n=cfg.n,
             cluster_id=f"nbdist-{uuid.uuid4().hex[:8]}",
-            controller_ip=LOOPBACK,
+            controller_ip=self._controller_ip,
             engine_timeout=int(cfg.start_timeout),
             delay=0.0,
             log_level=logging.ERROR,
@@ -132,12 +143,53 @@ class Pool:
         self._cluster = cluster
         try:
             cluster.start_controller_sync()
+            _owner_only(cluster)
+            if plan.remote:
+                # Engines elsewhere cannot watch this process: they watch the controller instead.
+                port = _registration_port(cluster)
+                engine_cmd = guard.remote_command(plan.python or "python3", self._controller_ip, port,
+                                                  "ipyparallel.engine")
+            else:
+                engine_cmd = guard.command(os.getpid(), "ipyparallel.engine")
+            cluster.engine_launcher_class = engine_launcher_config(
+                plan, cluster.config, engine_cmd, f"/tmp/{cluster.cluster_id}"
+            )
             self._client = cluster.connect_client_sync()
             self._launch_engines(known=set())
         except BaseException as exc:
             self.stop()
             if isinstance(exc, Exception):
+                if isinstance(exc, PoolStartError):
+                    raise
                 raise PoolStartError(f"the pool did not start: {exc}") from exc
+            raise
+        return self
+
+    def _connect(self) -> Pool:
+        """Join a cluster started elsewhere (`ipcluster start`, a job script): its engines are
+        used, never stopped or restarted by this pool."""
+        target = self.config.launch.connect
+        assert target is not None
+        try:
+            if os.path.isfile(target):
+                client = ipp.Client(url_file=target, timeout=self.config.start_timeout)
+            else:
+                client = ipp.Client(profile=target, timeout=self.config.start_timeout)
+        except Exception as exc:
+            raise PoolStartError(
+                f"could not join the cluster {target!r}: {exc}. Give a running cluster's profile name or its "
+                "ipcontroller-client.json file (from `ipcluster start` or `ipcontroller`)."
+            ) from exc
+        self._client = client
+        self._cluster = _JoinedCluster()
+        self._controller_ip = _client_controller_ip(client)
+        try:
+            ids = self._wait_for_new_engines(set(), max(self.config.n, 1), self.config.start_timeout)
+            if self.config.n == 0:
+                ids = sorted(client.ids)
+            self._adopt(ids)
+        except BaseException:
+            self.stop()
             raise
         return self
 
@@ -145,30 +197,46 @@ class Pool:
         """Start `n` engines and adopt them: wait for registration, pin GPUs, assign ranks."""
         cluster, client, cfg = self._cluster, self._client, self.config
         assert cluster is not None and client is not None
-        threads = str(cfg.threads_per_engine)
-        cluster.start_engines_sync(
-            cfg.n, environment={name: threads for name in engine_side.THREAD_VARIABLES}
-        )
+        threads = str(cfg.threads_per_engine or 1)
+        try:
+            cluster.start_engines_sync(
+                cfg.n, environment={name: threads for name in engine_side.THREAD_VARIABLES}
+            )
+        except Exception as exc:
+            raise PoolStartError(_launch_failure(cfg, cluster, exc)) from exc
         new_ids = self._wait_for_new_engines(known, cfg.n, cfg.start_timeout)
+        self._adopt(new_ids)
+
+    def _adopt(self, new_ids: list[int]) -> None:
+        """Ask each engine where it runs, give it a rank, GPU and threads, and pin them."""
+        client, cfg = self._client, self.config
+        assert client is not None
         client[new_ids].use_cloudpickle()
-        # Engines register in launch order; GPU i goes to the i-th engine.
-        slots = [cfg.gpus[i] if cfg.uses_gpus else None for i in range(cfg.n)]
-        pending = [
-            client[eid].apply_async(engine_side.describe, slots[i], cfg.threads_per_engine)
-            for i, eid in enumerate(new_ids)
-        ]
-        facts = [ar.get(timeout=cfg.start_timeout) for ar in pending]
-        order = sorted(range(cfg.n), key=lambda i: (facts[i].host, i))
+        asks = [client[eid].apply_async(engine_side.probe, self._controller_ip) for eid in new_ids]
+        facts = [ar.get(timeout=cfg.start_timeout) for ar in asks]
+        local = not cfg.launch.remote
+        placements = place(
+            facts,
+            local_gpus=(cfg.gpus if cfg.uses_gpus else ()) if local else None,
+            local_threads=cfg.threads_per_engine if local else None,
+            use_gpus=cfg.use_gpus,
+        )
+        pins = [client[new_ids[p.index]].apply_async(engine_side.describe, p.gpu, p.threads) for p in placements]
+        for ar in pins:
+            ar.get(timeout=cfg.start_timeout)
         self._engines = tuple(
             EngineInfo(
-                rank=rank,
-                engine_id=new_ids[i],
-                host=facts[i].host,
-                pid=facts[i].pid,
-                gpu=slots[i],
-                device=f"cuda:{slots[i]}" if slots[i] is not None else "cpu",
+                rank=p.rank,
+                engine_id=new_ids[p.index],
+                host=facts[p.index].host,
+                pid=facts[p.index].pid,
+                gpu=p.gpu,
+                device=f"cuda:{p.gpu}" if p.gpu is not None else "cpu",
+                address=facts[p.index].address,
+                interface=facts[p.index].interface,
+                threads=p.threads,
             )
-            for rank, i in enumerate(order)
+            for p in placements
         )
         self._views = tuple(client[e.engine_id] for e in self._engines)
         self._procs = self._find_processes()
@@ -182,6 +250,12 @@ class Pool:
             fresh = sorted(set(client.ids) - known)
             if len(fresh) >= n:
                 return fresh[:n]
+            ended = self._launcher_ended()
+            if ended is not None:
+                raise PoolStartError(
+                    f"the engine launcher ended before {n - len(fresh)} of {n} engines registered. "
+                    f"Its output ends with:\n{ended}"
+                )
             if time.monotonic() > deadline:
                 raise PoolStartError(
                     f"only {len(fresh)} of {n} engines registered within {timeout:.0f} s; "
@@ -189,10 +263,27 @@ class Pool:
                 )
             time.sleep(0.02)
 
+    def _launcher_ended(self) -> str | None:
+        """The tail of a launcher's output once it has stopped (mpiexec exits when an engine
+        fails), so a broken start is reported at once, not after the whole start timeout."""
+        cluster = self._cluster
+        if cluster is None or isinstance(cluster, _JoinedCluster):
+            return None
+        for engine_set in list(cluster.engines.values()):
+            if getattr(engine_set, "state", "") == "after" and not getattr(engine_set, "launchers", None):
+                try:
+                    output = str(engine_set.get_output() or "")
+                except Exception:  # noqa: BLE001 - no output to show is no reason to hide the failure
+                    output = ""
+                return "\n".join(output.strip().splitlines()[-15:]) or "(no output)"
+        return None
+
     def _find_processes(self) -> dict[int, psutil.Process]:
         """The launcher's process handles, by rank: they know the exit code once reaped."""
         assert self._cluster is not None
         by_pid: dict[int, psutil.Process] = {}
+        if self.config.launch.remote:  # a PID on another host is not a process here
+            return {}
         for engine_set in self._cluster.engines.values():
             for launcher in getattr(engine_set, "launchers", {}).values():
                 process = getattr(launcher, "process", None)
@@ -207,6 +298,8 @@ class Pool:
         self._engines, self._views, self._procs, self._backend = (), (), {}, None
         if client is not None:
             client.close()
+        if isinstance(cluster, _JoinedCluster):
+            return  # not ours to stop
         if cluster is not None:
             try:
                 cluster.stop_cluster_sync()
@@ -223,6 +316,11 @@ class Pool:
         started = time.monotonic()
         cluster = self._cluster
         assert cluster is not None and self._client is not None
+        if isinstance(cluster, _JoinedCluster):
+            raise PoolStateError(
+                "this pool joined a cluster it did not start (--connect), so it cannot give it fresh engines: "
+                "restart that cluster's engines (e.g. `ipcluster stop` / `ipcluster start`), then reconnect."
+            )
         known = set(self._client.ids) | {e.engine_id for e in self._engines}
         for process in self._procs.values():
             try:
@@ -266,9 +364,12 @@ class Pool:
     def exits(self) -> list[EngineExit]:
         """Engines whose process has ended, with how it ended."""
         ended = []
+        registered = set(self._client.ids) if self._client is not None and not self._procs else None
         for engine in self._engines:
             process = self._procs.get(engine.rank)
             if process is None:
+                if registered is not None and engine.engine_id not in registered:
+                    ended.append(EngineExit(engine.rank, engine.host, engine.pid, None, lost=True))
                 continue
             ended_with = _exit_status(process)
             if ended_with is not _RUNNING:
@@ -352,18 +453,24 @@ class Pool:
             )
         if formation.strategy == "ps":
             self._check_ps(formation.ps)
-        port = self._views[0].apply_sync(engine_side.free_port, LOOPBACK)
+        # Each address is the engine's own on the route to the controller (loopback on one
+        # machine), and each port is chosen free by the engine that will listen on it.
+        engines = self._engines
+        master = engines[0].address
+        port = self._views[0].apply_sync(engine_side.free_port, master)
         peers: tuple[str, ...] = ()
         if spec.needs_peers:
             from nbdist.runner import gather_or_fail
 
-            asks = [v.apply_async(engine_side.free_port, LOOPBACK) for v in self._views]
+            asks = [v.apply_async(engine_side.free_port, e.address) for v, e in zip(self._views, engines, strict=True)]
+            hosts = [e.address for e in engines]
             if formation.strategy == "ps" and len(self._views) - 1 - formation.ps == 0:
                 # No engine is left for a worker: the coordinator's engine hosts one (its own port).
-                asks.append(self._views[0].apply_async(engine_side.free_port, LOOPBACK))
+                asks.append(self._views[0].apply_async(engine_side.free_port, master))
+                hosts.append(master)
             ports = gather_or_fail(self, asks, what="choosing ports", timeout=self.config.start_timeout)
-            peers = tuple(f"{LOOPBACK}:{p}" for p in ports)
-        infos = [replace(i, peers=peers) for i in self.rank_infos(master_addr=LOOPBACK, master_port=port)]
+            peers = tuple(f"{h}:{p}" for h, p in zip(hosts, ports, strict=True))
+        infos = [replace(i, peers=peers) for i in self.rank_infos(master_addr=master, master_port=port)]
         pending = [
             view.apply_async(engine_side.join, info, backend, formation)
             for view, info in zip(self._views, infos, strict=True)
@@ -399,7 +506,8 @@ class Pool:
                     master_addr=master_addr,
                     master_port=master_port,
                     gpu=e.gpu,
-                    threads=self.config.threads_per_engine,
+                    threads=e.threads,
+                    interface=e.interface,
                 )
             )
         return infos
@@ -440,12 +548,73 @@ class Pool:
             line_offset=line_offset,
         )
 
+    def summary(self) -> str:
+        """One line for the user: how many engines, where, on which devices."""
+        engines = self._engines
+        gpus = [e.gpu for e in engines if e.gpu is not None]
+        kind = f"GPUs {' | '.join(gpus)}" if gpus else "CPU"
+        threads = sorted({e.threads for e in engines})
+        where = ""
+        hosts = list(dict.fromkeys(e.host for e in engines))
+        if len(hosts) > 1:
+            counts = ", ".join(f"{h}: {sum(e.host == h for e in engines)}" for h in hosts)
+            where = f" on {len(hosts)} hosts ({counts})"
+        return f"{len(engines)} engines ready{where} ({kind}, {'/'.join(map(str, threads))} threads each)."
+
     def __repr__(self) -> str:
         state = f"{len(self._engines)} engines, backend {self._backend}" if self.is_running else "stopped"
         return f"<nbdist.Pool {state}>"
 
 
 _RUNNING = object()
+
+
+class _JoinedCluster:
+    """Stands for a cluster this pool joined but does not own (nothing to start or stop)."""
+
+    engines: dict[str, Any] = {}
+    controller = None
+    cluster_id = "joined"
+
+
+def _owner_only(cluster: ipp.Cluster) -> None:
+    """Connection files hold the key that signs every message: readable by their owner only."""
+    folder = os.path.join(cluster.profile_dir, "security")
+    for name in os.listdir(folder):
+        if cluster.cluster_id in name:
+            os.chmod(os.path.join(folder, name), 0o600)
+
+
+def _registration_port(cluster: ipp.Cluster) -> int:
+    path = os.path.join(cluster.profile_dir, "security", f"ipcontroller-{cluster.cluster_id}-engine.json")
+    deadline = time.monotonic() + 10
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with open(path) as handle:
+        return int(json.load(handle)["registration"])
+
+
+def _client_controller_ip(client: ipp.Client) -> str:
+    url = str(client._config.get("interface") or client._config.get("url") or "")
+    host = url.split("://")[-1].rsplit(":", 1)[0]
+    return host if host and host not in ("*", "0.0.0.0", "localhost") else LOOPBACK
+
+
+def _launch_failure(cfg: PoolConfig, cluster: ipp.Cluster, exc: Exception) -> str:
+    """Name the host that could not be reached (ipyparallel's error names only the command)."""
+    plan = cfg.launch
+    if plan.launcher == "ssh":
+        started = {key.split("/")[0] for eset in cluster.engines.values() for key in getattr(eset, "launchers", {})}
+        failed = next((h.name for h in plan.hosts if h.name not in started), plan.hosts[-1].name)
+        detail = getattr(exc, "output", None) or getattr(exc, "stderr", None) or exc
+        if isinstance(detail, bytes):
+            detail = detail.decode(errors="replace")
+        return (
+            f"could not start engines on host {failed} over SSH: {str(detail).strip()[-500:]}. "
+            f"Check that `ssh {failed}` works without a password prompt and that {plan.python or 'python3'} "
+            "there has nbdist and ipyparallel installed (--python names it). Nothing was left running."
+        )
+    return f"the {plan.launcher} launcher could not start the engines: {exc}"
 
 
 def _exit_status(process: psutil.Process) -> Any:

@@ -18,6 +18,7 @@ import psutil
 from nbdist.backends import BACKENDS
 from nbdist.config import resolve_config
 from nbdist.errors import NbdistError
+from nbdist.launch import make_plan
 from nbdist.pool import Pool
 
 COLUMNS = ("rank", "host", "pid", "device", "state", "cpu %", "rss MB")
@@ -48,8 +49,7 @@ class PoolWidget(widgets.VBox):
         self._procs: dict[int, psutil.Process] = {}
         self.engines = widgets.BoundedIntText(value=2, min=1, max=512, description="engines")
         self.gpus = widgets.Text(value="auto", description="GPUs", placeholder="auto | none | all | 0,1")
-        self.hosts = widgets.Text(value="", description="hosts", disabled=True,
-                                  placeholder="this machine (remote hosts: not yet)")
+        self.hosts = widgets.Text(value="", description="hosts", placeholder="this machine, or h1:2,h2:2 (SSH)")
         self.backend = widgets.Dropdown(options=sorted(BACKENDS), value="torch", description="backend")
         self.start_button = widgets.Button(description="Start", button_style="success", icon="play")
         self.stop_button = widgets.Button(description="Stop", button_style="danger", icon="stop")
@@ -78,12 +78,14 @@ class PoolWidget(widgets.VBox):
         if self.pool is not None and self.pool.is_running:
             raise NbdistError("a pool is already running: Stop or Restart it.")
         gpus = None if self.gpus.value.strip() in ("", "auto") else self.gpus.value.strip()
-        config = resolve_config(int(self.engines.value), gpus)
+        hosts = self.hosts.value.strip() or None
+        # With hosts, their counts decide the number of engines.
+        config = resolve_config(None if hosts else int(self.engines.value), gpus, launch=make_plan(hosts=hosts))
         self._say(f"starting {config.n} engines...")
         self.pool = Pool(config=config).start()
         if self._on_pool is not None:
             self._on_pool(self.pool)
-        self._say(f"{config.n} engines ready")
+        self._say(self.pool.summary())
         return self.pool
 
     def stop(self) -> None:
@@ -121,8 +123,10 @@ class PoolWidget(widgets.VBox):
         if self.pool is None or not self.pool.is_running:
             return []
         rows = []
+        here = not self.pool.config.launch.remote  # a PID on another host is not a process here
         for status in self.pool.status():
-            cpu, rss = self._load(status.pid) if not status.state.startswith("dead") else (None, None)
+            alive = here and not status.state.startswith("dead")
+            cpu, rss = self._load(status.pid) if alive else (None, None)
             rows.append({"rank": status.rank, "host": status.host, "pid": status.pid,
                          "device": status.device, "state": status.state, "cpu %": cpu, "rss MB": rss})
         return rows

@@ -23,6 +23,9 @@ class RankInfo:
     peers: tuple[str, ...] = ()
     """`host:port` per rank, free on that rank's host: where frameworks that give every
     process its own server (TensorFlow's gRPC) listen. Empty where one rendezvous suffices."""
+    interface: str | None = None
+    """The network interface that reaches the other hosts (None on one machine), for
+    libraries that would otherwise pick one from the host name (gloo, NCCL)."""
 
     def torchrun_env(self) -> dict[str, str]:
         """The variables torchrun sets, so scripts written for torchrun run unchanged."""
@@ -38,6 +41,10 @@ class RankInfo:
             "MASTER_ADDR": self.master_addr,
             "MASTER_PORT": str(self.master_port),
             "TORCHELASTIC_RUN_ID": "nbdist",
+            # Across hosts, the interface that reaches the others; gloo and NCCL would
+            # otherwise resolve the host name, which may well be a loopback address.
+            **({"GLOO_SOCKET_IFNAME": self.interface, "NCCL_SOCKET_IFNAME": self.interface}
+               if self.interface else {}),
         }
 
 
