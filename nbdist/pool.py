@@ -139,6 +139,7 @@ class Pool:
             engine_timeout=int(cfg.start_timeout),
             delay=0.0,
             log_level=logging.ERROR,
+            shutdown_atexit=False,  # stop() and the guards end every process; no second try at exit
         )
         self._cluster = cluster
         try:
@@ -172,7 +173,7 @@ class Pool:
         assert target is not None
         try:
             if os.path.isfile(target):
-                client = ipp.Client(url_file=target, timeout=self.config.start_timeout)
+                client = ipp.Client(target, timeout=self.config.start_timeout)
             else:
                 client = ipp.Client(profile=target, timeout=self.config.start_timeout)
         except Exception as exc:
@@ -303,6 +304,8 @@ class Pool:
         if cluster is not None:
             try:
                 cluster.stop_cluster_sync()
+            except Exception as exc:  # noqa: BLE001 - e.g. a launcher that never started; reap below
+                self.log.warning("nbdist: stopping the cluster: %s", exc)
             finally:
                 _reap_stragglers(cluster)
 
@@ -604,8 +607,10 @@ def _launch_failure(cfg: PoolConfig, cluster: ipp.Cluster, exc: Exception) -> st
     """Name the host that could not be reached (ipyparallel's error names only the command)."""
     plan = cfg.launch
     if plan.launcher == "ssh":
-        started = {key.split("/")[0] for eset in cluster.engines.values() for key in getattr(eset, "launchers", {})}
-        failed = next((h.name for h in plan.hosts if h.name not in started), plan.hosts[-1].name)
+        # The SSH launcher registers each host's launcher ("host/i") just before starting it,
+        # so the last one registered is the host that failed.
+        keys = [key for eset in cluster.engines.values() for key in getattr(eset, "launchers", {})]
+        failed = keys[-1].rsplit("/", 1)[0] if keys else plan.hosts[0].name
         detail = getattr(exc, "output", None) or getattr(exc, "stderr", None) or exc
         if isinstance(detail, bytes):
             detail = detail.decode(errors="replace")
