@@ -202,6 +202,21 @@ def test_ddp_across_two_hosts_over_ssh(two_hosts: str, fresh_shell: tuple[Intera
     info = json.loads((security / f"ipcontroller-{cluster_id}-engine.json").read_text())
     assert info["key"] and info["interface"] == f"tcp://{NET}.1"
 
+    # A host lost mid-training: its engine is killed while the ranks all-reduce in a loop.
+    killer = subprocess.Popen(["sh", "-c", f"sleep 3; kill -9 {pids[1]}"])
+    started = time.monotonic()
+    result = ip.run_cell("%%distributed\nimport torch.distributed as dist\n"
+                         "for _ in range(100000):\n    dist.all_reduce(torch.ones(1))")
+    killer.wait()
+    assert not result.success and time.monotonic() - started < 60
+    assert "rank 1" in str(result.error_in_exec)
+    assert "recovered" in str(result.error_in_exec)
+    assert [e.host for e in pool.engines] == ["nbd-host1", "nbd-host2"]  # fresh engines, same hosts
+    pids += [e.pid for e in pool.engines]
+    assert ip.run_cell("%%distributed\nimport torch, torch.distributed as dist\n"
+                       "t = torch.ones(1); dist.all_reduce(t); ok = t.item()").success
+    assert ip.run_cell("%nbdist pull ok --rank 1").success and ip.user_ns["ok"] == 2.0
+
     assert ip.run_cell("%nbdist stop").success
     deadline = time.monotonic() + 20
     while _alive(pids) and time.monotonic() < deadline:
