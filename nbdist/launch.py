@@ -151,10 +151,12 @@ def make_plan(
     batch_only = {"--partition": partition, "--account": account, "--time": time}
     given = [name for name, value in batch_only.items() if value]
     if given and chosen not in ("slurm", "pbs"):
-        raise ConfigError(f"{', '.join(given)} apply to --launcher slurm or pbs only.")
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ConfigError(f"{', '.join(given)} {verb} to --launcher slurm or pbs only.")
     slurm_only = [name for name, value in (("--account", account), ("--time", time)) if value]
     if slurm_only and chosen == "pbs":
-        raise ConfigError(f"{', '.join(slurm_only)} applies to --launcher slurm only (set PBS limits in a "
+        verb = "applies" if len(slurm_only) == 1 else "apply"
+        raise ConfigError(f"{', '.join(slurm_only)} {verb} to --launcher slurm only (set PBS limits in a "
                           "batch template, PBSEngineSetLauncher.batch_template).")
     if mpi_args and chosen != "mpi":
         raise ConfigError("--mpi-args applies to --launcher mpi only.")
