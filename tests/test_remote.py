@@ -224,6 +224,23 @@ def test_ddp_across_two_hosts_over_ssh(two_hosts: str, fresh_shell: tuple[Intera
     assert not _alive(pids)
 
 
+def test_tensorflow_workers_across_two_hosts(two_hosts: str) -> None:
+    pytest.importorskip("tensorflow")
+    plan = make_plan(hosts=f"{HOSTS[0]}:1,{HOSTS[1]}:1", python=PYTHON, ssh_args=two_hosts)
+    with nbdist.Pool(config=resolve_config(start_timeout=60, launch=plan)) as pool:
+        pool.run(
+            "import json, os\nimport tensorflow as tf\n"
+            "value = strategy.run(lambda: tf.constant(float(rank + 1)))\n"
+            "total = float(strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None))\n"
+            "workers = json.loads(os.environ['TF_CONFIG'])['cluster']['worker']",
+            backend="tensorflow",
+        )
+        for rank in (0, 1):
+            assert pool.pull("total", rank=rank) == 3.0  # a real collective between the two hosts
+        workers = pool.pull("workers")
+        assert [w.rsplit(":", 1)[0] for w in workers] == list(HOSTS)  # addresses the other host reaches
+
+
 def test_unreachable_host_is_named_and_nothing_is_left(two_hosts: str) -> None:
     plan = make_plan(hosts=f"{HOSTS[0]}:1,{NET}.9:1", python=PYTHON, ssh_args=two_hosts)
     pool = nbdist.Pool(config=resolve_config(start_timeout=30, launch=plan))
