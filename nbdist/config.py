@@ -6,6 +6,7 @@ everything below it receives a `PoolConfig`.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ class PoolConfig:
     """Where the engines run (this machine unless told otherwise)."""
     use_gpus: bool = True
     """For engines on other hosts: one GPU each of their host's (False: CPU engines)."""
+    preload: tuple[str, ...] = ()
+    """Frameworks local engines import while they start (torch, where it is installed)."""
 
     @property
     def uses_gpus(self) -> bool:
@@ -122,6 +125,7 @@ def resolve_config(
         start_timeout=start_timeout,
         grace=grace,
         launch=launch or LaunchPlan(),
+        preload=("torch",) if importlib.util.find_spec("torch") is not None else (),
     )
 
 

@@ -109,7 +109,10 @@ def probe(controller: str) -> EngineFacts:
 def describe(gpu: str | None, threads: int) -> None:
     """Pin the engine to its GPU and thread share. Must run before any framework import."""
     if gpu is not None:
-        if "torch" in sys.modules or "tensorflow" in sys.modules:
+        # Importing torch (preloaded while the engine starts) leaves CUDA untouched; only a
+        # CUDA context made before this point would ignore CUDA_VISIBLE_DEVICES.
+        torch = sys.modules.get("torch")
+        if "tensorflow" in sys.modules or torch is not None and torch.cuda.is_initialized():
             raise RuntimeError("a framework was imported on this engine before its GPU was assigned")
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     for name in THREAD_VARIABLES:

@@ -12,6 +12,7 @@ stops answering the engine ends too, even while a cell is stuck in a collective.
 
 from __future__ import annotations
 
+import importlib
 import os
 import runpy
 import select
@@ -63,16 +64,34 @@ def _exit_with_owner(owner: str) -> None:
     os._exit(3)
 
 
+def _preload(modules: list[str]) -> None:
+    """Import frameworks while the engine waits to be announced (about a second of idle time),
+    so the first cell does not pay for it. Importing torch does not initialise CUDA, so the
+    engine can still be pinned to its GPU afterwards."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the cell's own import will report a real problem
+            pass
+
+
 def main(argv: list[str]) -> None:
     owner, module, rest = argv[1], argv[2], argv[3:]
+    preload: list[str] = []
+    while rest[:1] == ["--preload"]:
+        preload.append(rest[1])
+        rest = rest[2:]
     threading.Thread(target=_exit_with_owner, args=(owner,), name="nbdist-guard", daemon=True).start()
+    if preload:
+        threading.Thread(target=_preload, args=(preload,), name="nbdist-preload", daemon=True).start()
     sys.argv = [module, *rest]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
-def command(owner: int, module: str) -> list[str]:
+def command(owner: int, module: str, preload: tuple[str, ...] = ()) -> list[str]:
     """The launch command for `module` guarded by `owner` (used as controller_cmd/engine_cmd)."""
-    return [sys.executable, "-m", "nbdist.guard", str(owner), module]
+    extra = [arg for name in preload for arg in ("--preload", name)]
+    return [sys.executable, "-m", "nbdist.guard", str(owner), module, *extra]
 
 
 def remote_command(python: str, controller: str, port: int, module: str) -> list[str]:

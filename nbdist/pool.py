@@ -33,6 +33,12 @@ from nbdist.placement import place
 if TYPE_CHECKING:
     from nbdist.runner import CellResult
 
+# The hub announces an engine only after its heart has been seen beating, about two heartbeat
+# periods after it registers: at ipyparallel's 3 s period that is 6 of a 6.6 s start. A 250 ms
+# period brings a 2-engine start to ~1.6 s. The tolerance stays 15 s (60 misses), so a busy
+# machine is not mistaken for dead engines; local engine deaths are seen from exit codes at once.
+HEARTBEAT_ARGS = ["--HeartMonitor.period=250", "--HeartMonitor.max_heartmonitor_misses=60"]
+
 
 @dataclass(frozen=True)
 class EngineInfo:
@@ -140,6 +146,7 @@ class Pool:
             delay=0.0,
             log_level=logging.ERROR,
             shutdown_atexit=False,  # stop() and the guards end every process; no second try at exit
+            controller_args=HEARTBEAT_ARGS,
         )
         self._cluster = cluster
         try:
@@ -151,12 +158,19 @@ class Pool:
                 engine_cmd = guard.remote_command(plan.python or "python3", self._controller_ip, port,
                                                   "ipyparallel.engine")
             else:
-                engine_cmd = guard.command(os.getpid(), "ipyparallel.engine")
+                engine_cmd = guard.command(os.getpid(), "ipyparallel.engine", cfg.preload)
             cluster.engine_launcher_class = engine_launcher_config(
                 plan, cluster.config, engine_cmd, f"/tmp/{cluster.cluster_id}"
             )
+            if not plan.remote:
+                # Local engines wait for the controller's connection file themselves, so they
+                # start (and import) while the controller is still coming up.
+                self._start_engine_processes()
             self._client = cluster.connect_client_sync()
-            self._launch_engines(known=set())
+            _owner_only(cluster)
+            if plan.remote:
+                self._start_engine_processes()
+            self._adopt(self._wait_for_new_engines(set(), cfg.n, cfg.start_timeout))
         except BaseException as exc:
             self.stop()
             if isinstance(exc, Exception):
@@ -196,8 +210,12 @@ class Pool:
 
     def _launch_engines(self, known: set[int]) -> None:
         """Start `n` engines and adopt them: wait for registration, pin GPUs, assign ranks."""
-        cluster, client, cfg = self._cluster, self._client, self.config
-        assert cluster is not None and client is not None
+        self._start_engine_processes()
+        self._adopt(self._wait_for_new_engines(known, self.config.n, self.config.start_timeout))
+
+    def _start_engine_processes(self) -> None:
+        cluster, cfg = self._cluster, self.config
+        assert cluster is not None
         threads = str(cfg.threads_per_engine or 1)
         try:
             cluster.start_engines_sync(
@@ -205,8 +223,6 @@ class Pool:
             )
         except Exception as exc:
             raise PoolStartError(_launch_failure(cfg, cluster, exc)) from exc
-        new_ids = self._wait_for_new_engines(known, cfg.n, cfg.start_timeout)
-        self._adopt(new_ids)
 
     def _adopt(self, new_ids: list[int]) -> None:
         """Ask each engine where it runs, give it a rank, GPU and threads, and pin them."""
