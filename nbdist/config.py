@@ -63,6 +63,7 @@ def resolve_config(
     grace: float = 2.0,
     gpus_per_engine: int = 1,
     launch: LaunchPlan | None = None,
+    preload: str | None = None,
     environ: Mapping[str, str] | None = None,
     cpu_count: Callable[[], int | None] = os.cpu_count,
 ) -> PoolConfig:
@@ -125,8 +126,19 @@ def resolve_config(
         start_timeout=start_timeout,
         grace=grace,
         launch=launch or LaunchPlan(),
-        preload=("torch",) if importlib.util.find_spec("torch") is not None else (),
+        preload=_preload(preload),
     )
+
+
+def _preload(preload: str | None) -> tuple[str, ...]:
+    """`torch` by default where it is installed: engines import it while they start, which
+    takes it off the first cell; `none` saves the memory (~170 MB an engine) when a pool
+    will only run TensorFlow."""
+    if preload is None:
+        return ("torch",) if importlib.util.find_spec("torch") is not None else ()
+    if preload not in ("torch", "none"):
+        raise ConfigError(f"--preload {preload!r} is not valid: use 'torch' or 'none'.")
+    return () if preload == "none" else ("torch",)
 
 
 def _remote_config(n: int | None, gpus: str | tuple[str, ...] | None, launch: LaunchPlan,

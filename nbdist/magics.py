@@ -80,6 +80,8 @@ def _nbdist_parser() -> _Parser:
     start.add_argument("--gpus-per-engine", type=_positive_int, default=1,
                        help="GPUs each engine owns (e.g. 2 for TensorFlow's MirroredStrategy)")
     start.add_argument("--timeout", type=_positive_float, default=60.0, help="start timeout (s)")
+    start.add_argument("--preload", choices=["torch", "none"], default=None,
+                       help="framework the engines import while starting (default torch; none for TF-only pools)")
     remote = start.add_argument_group("engines on other hosts (ipyparallel's launchers)")
     remote.add_argument("--hosts", default=None, help="h1:2,h2:2 - engines per host, started over SSH")
     remote.add_argument("--hosts-file", default=None, help="a file of `host[:N]` or `host slots=N` lines")
@@ -121,7 +123,7 @@ def _distributed_parser() -> _Parser:
 
 def _parse(parser: _Parser, line: str) -> argparse.Namespace | None:
     try:
-        words = shlex.split(line)
+        words = shlex.split(line, comments=True)  # a trailing `# note` is a comment, as in Python
     except ValueError as exc:
         raise UsageError(f"{parser.prog}: cannot read the options ({exc}).") from None
     try:
@@ -206,7 +208,7 @@ class NbdistMagics(Magics):
             time=args.time, mpi_args=args.mpi_args, connect=args.connect,
         )
         config = resolve_config(args.n, args.gpus, start_timeout=args.timeout, gpus_per_engine=args.gpus_per_engine,
-                                launch=plan)
+                                launch=plan, preload=args.preload)
         self.pool = Pool(config=config).start()
         print(f"nbdist: {self.pool.summary()}")
 

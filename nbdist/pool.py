@@ -107,9 +107,10 @@ class Pool:
         gpus: str | tuple[str, ...] | None = None,
         start_timeout: float = 60.0,
         grace: float = 2.0,
+        preload: str | None = None,
         config: PoolConfig | None = None,
     ) -> None:
-        self.config = config or resolve_config(n, gpus, start_timeout=start_timeout, grace=grace)
+        self.config = config or resolve_config(n, gpus, start_timeout=start_timeout, grace=grace, preload=preload)
         self.history = History()
         self._cluster: ipp.Cluster | None = None
         self._client: ipp.Client | None = None

@@ -96,3 +96,8 @@ def test_no_pool_messages(shell: InteractiveShell, capsys: pytest.CaptureFixture
         capsys.readouterr()
         assert not run(shell, cell).success
         assert "no pool is running: start one with `%nbdist start -n 2`" in "".join(capsys.readouterr())
+
+
+def test_a_trailing_comment_is_not_an_option(shell: InteractiveShell, magics: NbdistMagics) -> None:
+    status = run(shell, "%nbdist status   # which engines are there?").result
+    assert list(status.index) == [0, 1]
