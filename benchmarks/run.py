@@ -1,10 +1,13 @@
 """nbdist against its baselines, measured in one run on this machine; prints a table.
 
-    python benchmarks/run.py            # everything (about 3 minutes on 2 cores)
+    python benchmarks/run.py            # everything (about 7 minutes on 2 cores), writes results.png
     python benchmarks/run.py --quick    # fewer repeats
+    python benchmarks/run.py --no-peers # without installing nbdistributed and Accelerate
 
-Every figure is a ratio against a baseline run in the same process, same minute:
-raw ipyparallel for the cell round trip, `torchrun --nproc_per_node=2` for throughput.
+Every figure is a ratio against a baseline run in the same process, same minute: raw
+ipyparallel, nbdistributed and Accelerate's notebook_launcher (installed into
+benchmarks/.peers by peers/setup.py) for start and round trip, `torchrun --nproc_per_node=2`
+for throughput.
 """
 
 from __future__ import annotations
@@ -173,7 +176,7 @@ def measure_peers(steps: int, repeats: int) -> tuple[dict[str, dict[str, float]]
 
 
 def chart(ratios: list[tuple[str, float, float]], path: Path) -> None:
-    """Bars of nbdist / baseline per measure, with the goal marked."""
+    """Bars of nbdist against each baseline (>1: nbdist better), on a log scale, goals marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,12 +185,14 @@ def chart(ratios: list[tuple[str, float, float]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * len(ratios)))
     names = [r[0] for r in ratios]
     values = [r[1] for r in ratios]
-    colors = ["tab:green" if (v >= g if g >= 1 else v <= 1 / g) else "tab:red" for _, v, g in ratios]
+    colors = ["tab:green" if v >= g else "tab:red" for _, v, g in ratios]
     ax.barh(names, values, color=colors)
+    ax.set_xscale("log")
     ax.axvline(1.0, color="black", lw=1)
-    for i, (_, v, _) in enumerate(ratios):
+    for i, (_, v, g) in enumerate(ratios):
+        ax.plot([g, g], [i - 0.4, i + 0.4], color="black", lw=2)  # the goal
         ax.text(v, i, f" {v:.2f}x", va="center", fontsize=8)
-    ax.set_xlabel("nbdist relative to the baseline (green: goal met)")
+    ax.set_xlabel("nbdist relative to the baseline, >1 is better (log scale; tick: goal; green: goal met)")
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
