@@ -1,6 +1,6 @@
 """nbdist against its baselines, measured in one run on this machine; prints a table.
 
-    python benchmarks/run.py            # everything (about 7 minutes on 2 cores), writes results.png
+    python benchmarks/run.py            # everything (about 10 minutes on 2 cores), writes results.png
     python benchmarks/run.py --quick    # fewer repeats
     python benchmarks/run.py --no-peers # without installing nbdistributed and Accelerate
 
@@ -28,6 +28,12 @@ import nbdist
 from nbdist.dashboard import Dashboard
 
 HERE = Path(__file__).resolve().parent
+
+
+def pair(i: int, baseline, ours) -> None:  # type: ignore[no-untyped-def]
+    """Run both sides of one round, the baseline first in even rounds and second in odd ones."""
+    for run in (baseline, ours) if i % 2 == 0 else (ours, baseline):
+        run()
 
 
 def median_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
@@ -205,7 +211,7 @@ def main() -> None:
     args = parser.parse_args()
     repeats = 20 if args.quick else 50
     steps = 300 if args.quick else 600
-    rounds = 2 if args.quick else 3
+    rounds = 2 if args.quick else 5
     dash_steps = 12000  # ~20 s of a 400+ steps/s cell: the dashboard's first draw is paid once per cell
     rows: list[tuple[str, str, str, str]] = []
     ratios: list[tuple[str, float, float]] = []  # (measure, speed ratio where >1 is better, goal)
@@ -245,12 +251,13 @@ def main() -> None:
 
         nbdist_rate(pool, 50)  # warm: imports, DDP construction paths
         ours, theirs, dash_on, dash_off = [], [], [], []
-        for _ in range(rounds):
-            theirs.append(torchrun_rate(steps))
-            ours.append(nbdist_rate(pool, steps))
+        for i in range(rounds):
+            # Order alternates between rounds: this machine's speed drifts by several percent
+            # over a minute, which a fixed order would charge to one side.
+            pair(i, lambda: theirs.append(torchrun_rate(steps)), lambda: ours.append(nbdist_rate(pool, steps)))
             # A small model, so report() runs 400+ times a second per rank (the goal's rate), for ~20 s.
-            dash_off.append(nbdist_rate(pool, dash_steps, report=True, width=64))
-            dash_on.append(nbdist_rate(pool, dash_steps, report=True, dashboard=True, width=64))
+            pair(i, lambda: dash_off.append(nbdist_rate(pool, dash_steps, report=True, width=64)),
+                 lambda: dash_on.append(nbdist_rate(pool, dash_steps, report=True, dashboard=True, width=64)))
         ours_m, theirs_m = statistics.median(ours), statistics.median(theirs)
         through_base = f"torchrun --nproc_per_node=2: {theirs_m:.1f}"
         if nbd and acc:
@@ -297,9 +304,9 @@ def main() -> None:
         for strategy in ("fsdp", "pipeline", "tensor"):
             nbdist_parallel(pool, strategy, 10)  # warm
             ours_p, theirs_p = [], []
-            for _ in range(rounds):
-                theirs_p.append(torchrun_parallel(strategy, par_steps))
-                ours_p.append(nbdist_parallel(pool, strategy, par_steps))
+            for i in range(rounds):
+                pair(i, lambda: theirs_p.append(torchrun_parallel(strategy, par_steps)),  # noqa: B023
+                     lambda: ours_p.append(nbdist_parallel(pool, strategy, par_steps)))  # noqa: B023
             ours_m = statistics.median(r for r, _ in ours_p)
             theirs_m = statistics.median(r for r, _ in theirs_p)
             rows.append((f"--strategy {strategy}: steps/s per rank, model state MB on rank 0", f"{ours_m:.1f}, "
@@ -317,9 +324,9 @@ def main() -> None:
         tf_steps = 200 if args.quick else 400
         tf_nbdist_rate(pool, 20)  # switch the pool to TensorFlow (a restart) and warm it
         tf_ours, tf_theirs = [], []
-        for _ in range(rounds):
-            tf_theirs.append(tf_plain_rate(tf_steps))
-            tf_ours.append(tf_nbdist_rate(pool, tf_steps))
+        for i in range(rounds):
+            pair(i, lambda: tf_theirs.append(tf_plain_rate(tf_steps)),
+                 lambda: tf_ours.append(tf_nbdist_rate(pool, tf_steps)))
         ours_m, theirs_m = statistics.median(tf_ours), statistics.median(tf_theirs)
         rows.append((f"TF MultiWorkerMirrored Keras fit, steps/s per worker (median of {rounds})", f"{ours_m:.1f}",
                      f"2 processes, hand-written TF_CONFIG: {theirs_m:.1f}",
