@@ -112,7 +112,8 @@ def test_dashboard_blits_and_redraws_axes_only_when_data_outgrows_them() -> None
     dashboard.cell_started(store)
     dashboard._started = 0.0
     _fill(store, 0, 100)
-    dashboard.cell_polled()  # builds the figure, first (full) draw
+    dashboard.cell_polled()  # the first (full) draw, on the drawing thread
+    dashboard.wait()
     assert dashboard.full_draws == 1 and dashboard.points("loss") == 300  # two ranks and the mean
     dashboard.render()
     assert (dashboard.full_draws, dashboard.partial_draws) == (1, 0)  # nothing grew: blit only
@@ -121,9 +122,9 @@ def test_dashboard_blits_and_redraws_axes_only_when_data_outgrows_them() -> None
     assert (dashboard.full_draws, dashboard.partial_draws) == (1, 0) and dashboard.points("loss") == 600
     _fill(store, 200, 1000)
     dashboard.render()
-    assert dashboard.partial_draws == 1 and dashboard._axes["loss"].get_xlim()[1] >= 999
+    assert dashboard.partial_draws == 1 and dashboard.figure.axes["loss"].get_xlim()[1] >= 999
     png = dashboard.render(final=True)
-    assert png.startswith(b"\x89PNG") and dashboard._axes["loss"].get_xlim()[1] == pytest.approx(999 * 1.02)
+    assert png.startswith(b"\x89PNG") and dashboard.figure.axes["loss"].get_xlim()[1] == pytest.approx(999 * 1.02)
 
 
 def test_mean_loss_is_over_ranks_per_step() -> None:

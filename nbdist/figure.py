@@ -1,0 +1,213 @@
+"""The dashboard's picture: matplotlib (Agg) drawing of a prepared `Frame`, nothing else.
+
+Kept apart from the observer so that drawing can run on a low-priority thread: a `Frame`
+holds copies of the data, and the figure is touched by one thread at a time.
+
+Redrawing a whole figure (ticks, labels, titles) costs ~120 ms, taken from the same cores
+the engines train on. So the data artists are `animated` and blitted over a cached
+background; the background (axes, ticks, legends) is redrawn only when an axis has to grow,
+which happens a logarithmic number of times because limits grow with headroom.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+PANELS = {
+    "loss": ("loss per rank and mean", "step"),
+    "throughput": ("global throughput (samples/s)", "seconds"),
+    "comm": ("share of time in gradient allreduce", "rank"),
+    "load": ("device load (% of one core, or GPU util)", "seconds"),
+    "memory": ("memory MB: GPU or RSS, model state dashed", "seconds"),
+    "steps": ("steps/s (fastest rank)", "seconds"),
+}
+
+
+@dataclass(frozen=True)
+class Line:
+    xs: list[float]
+    ys: list[float]
+    style: dict[str, Any]
+
+
+@dataclass
+class Frame:
+    """What one picture shows, detached from the live metric store."""
+
+    lines: dict[tuple[str, Any], Line] = field(default_factory=dict)
+    comm: list[tuple[str, float]] = field(default_factory=list)  # (rank label, allreduce share)
+    total: int | None = None  # steps in the run, when the cell said
+
+    def points(self, axis: str) -> int:
+        return sum(len(line.xs) for (name, _), line in self.lines.items() if name == axis)
+
+
+class DashboardFigure:
+    """Six panels drawn into an Agg canvas; `draw` returns JPEG (live) or PNG (final) bytes."""
+
+    def __init__(self) -> None:
+        self.full_draws = 0
+        self.partial_draws = 0
+        self.axes: dict[str, Any] = {}
+        self._figure: Any = None
+        self._canvas: Any = None
+        self._lines: dict[tuple[str, Any], Any] = {}
+        self._bars: list[Any] = []
+        self._background: Any = None
+        self._legend_size = 0
+        self._stale: set[str] = set()
+
+    def _build(self) -> None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        # A fixed layout: constrained layout doubled the cost of every redraw.
+        fig = Figure(figsize=(13, 5.6), dpi=72)
+        fig.subplots_adjust(left=0.05, right=0.99, top=0.89, bottom=0.09, hspace=0.42, wspace=0.3)
+        self._canvas = FigureCanvasAgg(fig)
+        grid = fig.subplots(2, 3)
+        self.axes = dict(zip(PANELS, grid.flat, strict=False))
+        for name, ax in self.axes.items():
+            title, xlabel = PANELS[name]
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel(xlabel, fontsize=9)
+            ax.tick_params(labelsize=8)
+            ax.grid(alpha=0.3)
+        self.axes["comm"].set_ylim(0, 1)
+        self._figure = fig
+
+    def draw(self, frame: Frame, final: bool = False) -> bytes:
+        if self._figure is None:
+            self._build()
+        for key, line in frame.lines.items():
+            artist = self._lines.get(key)
+            if artist is None:
+                (artist,) = self.axes[key[0]].plot([], [], animated=True, **line.style)
+                self._lines[key] = artist
+            artist.set_data(line.xs, line.ys)
+        self._draw_comm(frame.comm)
+        self._fit_axes(final, frame.total)
+        return self._encode(final)
+
+    def _fit_axes(self, final: bool, total: int | None) -> None:
+        """Grow limits in steps of 1-2-5 with headroom, so the costly background redraw
+        happens a few times per run rather than every second; fit tightly at the end."""
+        import numpy as np
+        from matplotlib.patches import Patch
+
+        for name in ("loss", "throughput", "load", "memory", "steps"):
+            ax = self.axes[name]
+            lines = [line for (axis, _), line in self._lines.items() if axis == name]
+            xs = [float(x) for line in lines for x in line.get_xdata()[-1:]]
+            ys = [np.asarray(line.get_ydata(), dtype=float) for line in lines]
+            ys = [y[~np.isnan(y)] for y in ys]
+            ys = [y for y in ys if y.size]
+            if not xs or not ys:
+                continue
+            x_max, lo, hi = max(xs), min(float(y.min()) for y in ys), max(float(y.max()) for y in ys)
+            lo = min(lo, 0.0)  # losses, rates and loads are drawn from zero
+            if name == "load":
+                hi = max(hi, 100.0)  # a busy core reads 100 %; keep that visible from the start
+            if final:
+                ax.set_xlim(0.0, x_max * 1.02 or 1.0)
+                ax.set_ylim(lo * 1.05, hi * 1.05 or 1.0)
+                continue
+            x0, x1 = ax.get_xlim()
+            if x_max > x1 or self._background is None:
+                steps = total if name == "loss" else None
+                # Time panels open at 30 s: short cells then never pay for a redraw of their axes.
+                floor = 30.0 if name != "loss" else 0.0
+                ax.set_xlim(0.0, float(steps) if steps and steps > x_max else max(floor, _nice(x_max * 3)))
+                self._stale.add(name)
+            y0, y1 = ax.get_ylim()
+            if lo < y0 or hi > y1 or self._background is None:
+                ax.set_ylim(-_nice(-lo * 1.2) if lo < 0 else 0.0, _nice(hi * 1.2))
+                self._stale.add(name)
+        # The allreduce entries are there from the start: adding them later forced a full redraw.
+        handles = [line for (axis, _), line in self._lines.items() if axis == "loss"]
+        handles += [Patch(color="silver", label="compute"), Patch(color="darkred", label="allreduce")]
+        if len(handles) != self._legend_size:
+            # One legend for the figure, above the panels, where it never hides data.
+            if self._figure.legends:
+                self._figure.legends[0].remove()
+            self._figure.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False)
+            self._legend_size = len(handles)
+            self._background = None
+
+    def _redraw_axes(self, names: list[str]) -> None:
+        """Redraw the static parts of some panels only: a quarter of a full draw."""
+        from matplotlib.patches import Rectangle
+        from matplotlib.transforms import Bbox, IdentityTransform
+
+        renderer = self._canvas.get_renderer()
+        for name in names:
+            ax = self.axes[name]
+            # The panel with its title and tick labels: fixed margins (measuring the labels costs
+            # more than drawing them), which the figure's spacing keeps clear of the neighbours.
+            x0, y0, x1, y1 = ax.bbox.extents
+            box = Bbox.from_extents(x0 - 45, y0 - 32, x1 + 12, y1 + 18)
+            eraser = Rectangle((box.x0, box.y0), box.width, box.height, transform=IdentityTransform(),
+                               facecolor=self._figure.get_facecolor(), edgecolor="none")
+            eraser.set_figure(self._figure)
+            eraser.draw(renderer)
+            ax.draw(renderer)
+        self._background = self._canvas.copy_from_bbox(self._figure.bbox)
+        self.partial_draws += 1
+
+    def _encode(self, final: bool) -> bytes:
+        from PIL import Image
+
+        canvas = self._canvas
+        if self._background is None:
+            canvas.draw()  # everything but the animated data artists
+            self._background = canvas.copy_from_bbox(self._figure.bbox)
+            self.full_draws += 1
+        else:
+            canvas.restore_region(self._background)
+            if self._stale:
+                self._redraw_axes(sorted(self._stale))
+        self._stale.clear()
+        for ax in self.axes.values():
+            for artist in [*ax.get_lines(), *ax.patches]:
+                if artist.get_animated():
+                    ax.draw_artist(artist)
+        rgba = canvas.buffer_rgba()
+        image = Image.frombuffer("RGBA", (rgba.shape[1], rgba.shape[0]), rgba, "raw", "RGBA", 0, 1)
+        buffer = io.BytesIO()
+        if final:
+            image.save(buffer, format="png", compress_level=6)
+        else:
+            # Live frames are JPEG: a fifth of PNG's encoding time, and replaced a second later.
+            image.convert("RGB").save(buffer, format="jpeg", quality=85)
+        return buffer.getvalue()
+
+    def _draw_comm(self, comm: list[tuple[str, float]]) -> None:
+        if not comm:
+            return
+        ax = self.axes["comm"]
+        labels = [label for label, _ in comm]
+        values = [share for _, share in comm]
+        if len(self._bars) != 2 * len(comm):
+            for bar in self._bars:
+                bar.remove()
+            compute = ax.bar(labels, [1 - v for v in values], color="silver", label="compute", animated=True)
+            allreduce = ax.bar(labels, values, bottom=[1 - v for v in values], color="darkred",
+                               label="allreduce", animated=True)
+            self._bars = [*compute, *allreduce]
+            self._background = None
+        n = len(comm)
+        for i, v in enumerate(values):
+            self._bars[i].set_height(1 - v)
+            self._bars[n + i].set_y(1 - v)
+            self._bars[n + i].set_height(v)
+
+
+def _nice(value: float) -> float:
+    """The smallest round number (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8 x 10^k) at or above `value`."""
+    if value <= 0:
+        return 1.0
+    power = 10.0 ** math.floor(math.log10(value))
+    return next(m * power for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10) if m * power >= value * 0.9999)
