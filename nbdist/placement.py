@@ -22,6 +22,8 @@ class Placement:
     local_rank: int
     gpu: str | None
     threads: int
+    slots: int = 1
+    """Engines on this host: `local_rank` of `slots` picks the engine's block of cores."""
 
 
 def place(
@@ -56,7 +58,7 @@ def place(
             gpus = ()
         threads = local_threads if local_threads is not None else max(1, facts[members[0]].cores // count)
         for local_rank, i in enumerate(members):
-            placements.append(Placement(i, rank, local_rank, gpus[local_rank] if gpus else None, threads))
+            placements.append(Placement(i, rank, local_rank, gpus[local_rank] if gpus else None, threads, count))
             rank += 1
     return placements
 

@@ -239,7 +239,8 @@ class Pool:
             local_threads=cfg.threads_per_engine if local else None,
             use_gpus=cfg.use_gpus,
         )
-        pins = [client[new_ids[p.index]].apply_async(engine_side.describe, p.gpu, p.threads) for p in placements]
+        pins = [client[new_ids[p.index]].apply_async(engine_side.describe, p.gpu, p.threads, p.local_rank, p.slots)
+                for p in placements]
         for ar in pins:
             ar.get(timeout=cfg.start_timeout)
         self._engines = tuple(

@@ -86,6 +86,28 @@ def test_cell_namespace_is_torchrun_compatible(pool: nbdist.Pool) -> None:
     assert ranks.value == 1.0
 
 
+def test_latency_bound_cells_run_on_their_ranks_own_cores(pool: nbdist.Pool) -> None:
+    """Pipeline and tensor-parallel cells: every thread of a rank (gloo's included) on the
+    rank's block of cores. DDP cells: free to use every core, for gloo's overlapping work."""
+    import os
+
+    cores = frozenset(os.sched_getaffinity(0))
+    threads = pool.config.threads_per_engine
+    if threads * 2 > len(cores):
+        pytest.skip("fewer cores than engines: engines are left unpinned")
+    read = "import os\n_cpus = {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir('/proc/self/task')}"
+    pool.run("import torch.distributed as dist\ndist.barrier()")  # the group (and its threads) exist
+    for strategy in ("pipeline", "tensor"):
+        pool.run(read, strategy=strategy)
+        blocks = [pool.pull("_cpus", rank=r) for r in (0, 1)]
+        assert all(len(b) == 1 for b in blocks), blocks  # one block for all of a rank's threads
+        ordered = sorted(cores)
+        assert [next(iter(b)) for b in blocks] == [frozenset(ordered[:threads]),
+                                                   frozenset(ordered[threads:2 * threads])]
+    pool.run(read, strategy="ddp")
+    assert [pool.pull("_cpus", rank=r) for r in (0, 1)] == [{cores}, {cores}]
+
+
 def test_process_group_is_kept_between_cells(pool: nbdist.Pool) -> None:
     pool.run("import torch.distributed as dist\n_pg_first = id(dist.group.WORLD)")
     assert pool.run("id(dist.group.WORLD) == _pg_first").value is True
