@@ -86,9 +86,9 @@ def test_cell_namespace_is_torchrun_compatible(pool: nbdist.Pool) -> None:
     assert ranks.value == 1.0
 
 
-def test_latency_bound_cells_run_on_their_ranks_own_cores(pool: nbdist.Pool) -> None:
+def test_cells_compute_on_their_ranks_own_cores(pool: nbdist.Pool) -> None:
     """Pipeline and tensor-parallel cells: every thread of a rank (gloo's included) on the
-    rank's block of cores. DDP cells: free to use every core, for gloo's overlapping work."""
+    rank's block of cores. DDP cells: the compute thread there, gloo's threads on any core."""
     import os
 
     cores = frozenset(os.sched_getaffinity(0))
@@ -104,8 +104,20 @@ def test_latency_bound_cells_run_on_their_ranks_own_cores(pool: nbdist.Pool) -> 
         ordered = sorted(cores)
         assert [next(iter(b)) for b in blocks] == [frozenset(ordered[:threads]),
                                                    frozenset(ordered[threads:2 * threads])]
-    pool.run(read, strategy="ddp")
-    assert [pool.pull("_cpus", rank=r) for r in (0, 1)] == [{cores}, {cores}]
+    # DDP: the compute (main) thread on the rank's block, gloo's threads free to overlap on any core.
+    pool.run(read + "\nimport threading\n_main = (threading.get_native_id() == threading.main_thread().native_id,"
+             " frozenset(os.sched_getaffinity(0)))", strategy="ddp")
+    for r in (0, 1):
+        assert pool.pull("_main", rank=r) == (True, frozenset(sorted(cores)[r * threads:(r + 1) * threads]))
+        assert cores in pool.pull("_cpus", rank=r)
+
+
+def test_a_value_that_cannot_travel_is_shown_by_its_display(pool: nbdist.Pool) -> None:
+    """A generator cannot be pickled; sys.flags pickles but cannot be loaded back (ipyparallel's
+    client then dropped the reply and the cell never ended)."""
+    for source, text in (("(i for i in range(3))", "<generator object"), ("import sys\nsys.flags", "sys.flags(")):
+        value = pool.run(source, timeout=60).value
+        assert text in repr(value)
 
 
 def test_process_group_is_kept_between_cells(pool: nbdist.Pool) -> None:
