@@ -19,11 +19,27 @@ def build(width: int = 512) -> nn.Sequential:
                          nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
 
 
-def train(strategy: str, steps: int = 100, warmup: int = 10) -> tuple[float, float]:
-    """Return (steps/s of this rank, parameter+gradient+optimizer MB this rank holds)."""
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def _reset_peak_rss() -> float:
+    """Restart the kernel's RSS high-water mark (Linux) and return the RSS now, in MB: a
+    long-lived engine's lifetime peak would say nothing about this run."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    return _status_mb("VmRSS")
+
+
+def train(strategy: str, steps: int = 100, warmup: int = 10) -> tuple[float, float, float]:
+    """Return (steps/s of this rank, parameter+gradient+optimizer MB this rank holds, how far
+    the rank's RSS rose above where it stood before the model was built, at its peak, in MB)."""
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     torch.set_num_threads(1)
+    base_rss = _reset_peak_rss()
     x, y = torch.randn(64, 256), torch.randint(0, 10, (64,))
     pipe = None
     if strategy == "fsdp":
@@ -52,7 +68,7 @@ def train(strategy: str, steps: int = 100, warmup: int = 10) -> tuple[float, flo
         opt.step()
     rate = steps / (time.perf_counter() - started)
     held = memory({"model": model, "opt": opt})
-    return rate, held["param_mb"] + held["grad_mb"] + held["optim_mb"]
+    return rate, held["param_mb"] + held["grad_mb"] + held["optim_mb"], _status_mb("VmHWM") - base_rss
 
 
 if __name__ == "__main__":
@@ -62,8 +78,8 @@ if __name__ == "__main__":
     parser.add_argument("--strategy", required=True)
     parser.add_argument("--steps", type=int, default=100)
     args = parser.parse_args()
-    rate, mb = train(args.strategy, steps=args.steps)
+    rate, mb, peak = train(args.strategy, steps=args.steps)
     if dist.get_rank() == 0:
-        print(f"STEPS_PER_S {rate:.3f} MODEL_MB {mb:.3f}", flush=True)
+        print(f"STEPS_PER_S {rate:.3f} MODEL_MB {mb:.3f} PEAK_MB {peak:.3f}", flush=True)
     dist.barrier()
     dist.destroy_process_group()

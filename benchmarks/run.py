@@ -65,27 +65,27 @@ def torchrun_rate(steps: int) -> float:
     return float(match.group(1))
 
 
-def torchrun_parallel(strategy: str, steps: int) -> tuple[float, float]:
+def torchrun_parallel(strategy: str, steps: int) -> tuple[float, float, float]:
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
          str(HERE / "parallel_workload.py"), f"--strategy={strategy}", f"--steps={steps}"],
         capture_output=True, text=True, env=env, cwd=HERE, timeout=600,
     )
-    match = re.search(r"STEPS_PER_S ([0-9.]+) MODEL_MB ([0-9.]+)", done.stdout)
+    match = re.search(r"STEPS_PER_S ([0-9.]+) MODEL_MB ([0-9.]+) PEAK_MB ([0-9.-]+)", done.stdout)
     if match is None:
         raise RuntimeError(f"torchrun {strategy} failed:\n{done.stdout}\n{done.stderr[-3000:]}")
-    return float(match.group(1)), float(match.group(2))
+    return float(match.group(1)), float(match.group(2)), float(match.group(3))
 
 
-def nbdist_parallel(pool: nbdist.Pool, strategy: str, steps: int) -> tuple[float, float]:
+def nbdist_parallel(pool: nbdist.Pool, strategy: str, steps: int) -> tuple[float, float, float]:
     result = pool.run(
         f"import sys\nsys.path.insert(0, {str(HERE)!r})\nfrom parallel_workload import train\n"
         f"train({strategy!r}, steps={steps})",
         strategy=strategy,
     )
-    rate, mb = result.value
-    return float(rate), float(mb)
+    rate, mb, peak = result.value
+    return float(rate), float(mb), float(peak)
 
 
 def tf_plain_rate(steps: int) -> float:
@@ -307,10 +307,13 @@ def main() -> None:
             for i in range(rounds):
                 pair(i, lambda: theirs_p.append(torchrun_parallel(strategy, par_steps)),  # noqa: B023
                      lambda: ours_p.append(nbdist_parallel(pool, strategy, par_steps)))  # noqa: B023
-            ours_m = statistics.median(r for r, _ in ours_p)
-            theirs_m = statistics.median(r for r, _ in theirs_p)
-            rows.append((f"--strategy {strategy}: steps/s per rank, model state MB on rank 0", f"{ours_m:.1f}, "
-                         f"{ours_p[0][1]:.2f} MB", f"torchrun: {theirs_m:.1f}, {theirs_p[0][1]:.2f} MB",
+            ours_m = statistics.median(r for r, _, _ in ours_p)
+            theirs_m = statistics.median(r for r, _, _ in theirs_p)
+            ours_peak = statistics.median(p for _, _, p in ours_p)
+            theirs_peak = statistics.median(p for _, _, p in theirs_p)
+            rows.append((f"--strategy {strategy}: steps/s; model state MB; peak RSS rise MB (rank 0)",
+                         f"{ours_m:.1f}; {ours_p[0][1]:.2f}; {ours_peak:.1f}",
+                         f"torchrun: {theirs_m:.1f}; {theirs_p[0][1]:.2f}; {theirs_peak:.1f}",
                          f"{ours_m / theirs_m:.3f}x (goal >= 0.98x)"))
             ratios.append((f"{strategy} vs torchrun", ours_m / theirs_m, 0.98))
 

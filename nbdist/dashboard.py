@@ -23,11 +23,12 @@ from typing import Any
 from nbdist.figure import DashboardFigure, Frame, Line
 from nbdist.store import MetricStore
 
-MAX_POINTS = 2000
+LIVE_POINTS = 600  # a panel is ~250 px wide: more points per line only cost drawing time
+FINAL_POINTS = 2000  # the PNG left in the notebook is drawn once, and zoomed into
 
 
-def _thin(xs: list[float], ys: list[float]) -> tuple[list[float], list[float]]:
-    step = max(1, math.ceil(len(xs) / MAX_POINTS))
+def _thin(xs: list[float], ys: list[float], limit: int) -> tuple[list[float], list[float]]:
+    step = max(1, math.ceil(len(xs) / limit))
     return xs[::step], ys[::step]
 
 
@@ -113,7 +114,7 @@ class Dashboard:
         now = time.monotonic()
         if self._inflight is None and now - self._last >= self.refresh:
             self._last = now
-            self._frame = self._prepare()
+            self._frame = self._prepare(LIVE_POINTS)
             if self._painter is None:
                 self._painter = ThreadPoolExecutor(1, "nbdist-dashboard", initializer=_lower_priority)
             self._inflight = (self._painter.submit(self.figure.draw, self._frame), self._label())
@@ -146,7 +147,7 @@ class Dashboard:
         """Draw the current state now, on this thread: a JPEG frame while live, a tightly
         fitted PNG when `final`."""
         self._take_drawn(block=True)  # the figure is one thread's at a time
-        self._frame = self._prepare()
+        self._frame = self._prepare(FINAL_POINTS if final else LIVE_POINTS)
         frame = self.figure.draw(self._frame, final)
         self.renders += 1
         if not final:
@@ -173,7 +174,7 @@ class Dashboard:
         self.renders += 1
         self._update_widgets(picture, label)
 
-    def _prepare(self) -> Frame:
+    def _prepare(self, limit: int) -> Frame:
         """Copy from the store what the figure needs: the poll loop goes on adding to the store
         while the drawing thread works (`_thin` slices, so every list here is a copy)."""
         store = self.store
@@ -181,9 +182,9 @@ class Dashboard:
         frame = Frame(total=store.total)
         t0 = self._started
         for rank, series in sorted(store.train.items()):
-            steps, losses = _thin(*self._finite.setdefault(rank, _FiniteLoss()).update(series))
+            steps, losses = _thin(*self._finite.setdefault(rank, _FiniteLoss()).update(series), limit)
             frame.lines[("loss", rank)] = Line(steps, losses, dict(label=f"rank {rank}", color=f"C{rank % 10}", lw=1))
-        mean = self._mean.update(store)
+        mean = _thin(*self._mean.update(store), limit)
         if mean[0]:
             frame.lines[("loss", "mean")] = Line(*mean, dict(color="black", ls="--", lw=1.2, label="mean"))
         samples_s, steps_s = store.throughput()
@@ -191,8 +192,8 @@ class Dashboard:
         if store.train:
             self._throughput.append((time.time() - t0, samples_s, steps_s))
             times, rates, paces = (list(c) for c in zip(*self._throughput, strict=False))
-            frame.lines[("throughput", "all")] = Line(*_thin(times, rates), dict(color="tab:green"))
-            frame.lines[("steps", "all")] = Line(*_thin(times, paces), dict(color="tab:purple"))
+            frame.lines[("throughput", "all")] = Line(*_thin(times, rates, limit), dict(color="tab:green"))
+            frame.lines[("steps", "all")] = Line(*_thin(times, paces, limit), dict(color="tab:purple"))
         for rank, series in sorted(store.load.items()):
             columns = series.columns
             gpu, gpu_mem = columns["gpu_util"], columns["gpu_mem_mb"]
@@ -201,12 +202,12 @@ class Dashboard:
             memory = gpu_mem if on_gpu else columns["rss_mb"]
             xs = [t - t0 for t in columns["t"]]
             color = f"C{rank % 10}"
-            frame.lines[("load", rank)] = Line(*_thin(xs, util), dict(label=f"rank {rank}", color=color))
-            frame.lines[("memory", rank)] = Line(*_thin(xs, memory), dict(label=f"rank {rank}", color=color))
+            frame.lines[("load", rank)] = Line(*_thin(xs, util, limit), dict(label=f"rank {rank}", color=color))
+            frame.lines[("memory", rank)] = Line(*_thin(xs, memory, limit), dict(label=f"rank {rank}", color=color))
             state = [p + g + o for p, g, o in zip(columns["param_mb"], columns["grad_mb"],
                                                    columns["optim_mb"], strict=False)]
             if any(v == v for v in state):  # parameters + gradients + optimizer state: what sharding divides
-                frame.lines[("memory", ("state", rank))] = Line(*_thin(xs, state), dict(ls="--", color=color))
+                frame.lines[("memory", ("state", rank))] = Line(*_thin(xs, state, limit), dict(ls="--", color=color))
         ranks = sorted(store.train)
         shares = [store.comm_fraction(r) for r in ranks]
         if any(s is not None for s in shares):
@@ -296,4 +297,4 @@ class _MeanLoss:
         if not ordered:
             pairs = sorted(zip(self.steps, self.means, strict=False))
             self.steps, self.means = [p[0] for p in pairs], [p[1] for p in pairs]
-        return _thin(self.steps, self.means)
+        return self.steps, self.means

@@ -137,3 +137,56 @@ local_shape = tuple(model[0].weight.to_local().shape)
     expected_losses, expected = reference()
     assert pool.pull("local_shape", rank=0) == (16, 8)  # half of the 32 output features
     assert_same_parameters(pool.pull("model"), expected)
+
+
+ATTENTION = """
+import torch
+from torch import nn
+class Attention(nn.Module):
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.head_dim = dim // heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q_proj(x)
+        heads = q.shape[-1] // self.head_dim  # the local head count: half of them on each rank
+        def split(z):
+            return z.view(b, t, heads, self.head_dim).transpose(1, 2)
+        q, k, v = split(q), split(self.k_proj(x)), split(self.v_proj(x))
+        a = torch.softmax(q @ k.transpose(-2, -1) / self.head_dim ** 0.5, dim=-1) @ v
+        return self.out_proj(a.transpose(1, 2).reshape(b, t, heads * self.head_dim))
+def build():
+    torch.manual_seed(0)
+    return Attention()
+def batch(step):
+    g = torch.Generator().manual_seed(200 + step)
+    x = torch.randn(4, 6, 16, generator=g)
+    return x, torch.tanh(x.flip(1))
+def train(model, steps=5):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for step in range(steps):
+        x, y = batch(step)
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad(); loss.backward(); opt.step()
+        losses.append(loss.item())
+    return losses
+"""
+
+
+def test_tensor_parallel_attention_plan_splits_heads_and_matches_one_process(pool: nbdist.Pool) -> None:
+    pool.run(ATTENTION + """
+model = nbdist.torch.prepare(build(), plan=nbdist.torch.attention_plan())
+losses = train(model)
+local_q = tuple(model.q_proj.weight.to_local().shape)
+""", strategy="tensor")
+    scope: dict[str, Any] = {}
+    exec(ATTENTION, scope)
+    expected = scope["build"]()
+    expected_losses = scope["train"](expected)
+    assert pool.pull("local_q", rank=1) == (8, 16)  # 2 of the 4 heads on each rank
+    assert pool.pull("losses") == pytest.approx(expected_losses, rel=1e-5)
+    pulled = pool.pull("model").state_dict()
+    for name, value in expected.state_dict().items():
+        torch.testing.assert_close(pulled[name], value, rtol=1e-5, atol=1e-6, msg=name)
