@@ -25,21 +25,21 @@ def _status_mb(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
-def _reset_peak_rss() -> float:
-    """Restart the kernel's RSS high-water mark (Linux) and return the RSS now, in MB: a
-    long-lived engine's lifetime peak would say nothing about this run."""
+def _reset_peak_rss() -> None:
+    """Restart the kernel's RSS high-water mark (Linux): a long-lived engine's lifetime peak
+    would say nothing about this run."""
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
-    return _status_mb("VmRSS")
 
 
 def train(strategy: str, steps: int = 100, warmup: int = 10) -> tuple[float, float, float]:
-    """Return (steps/s of this rank, parameter+gradient+optimizer MB this rank holds, how far
-    the rank's RSS rose above where it stood before the model was built, at its peak, in MB)."""
+    """Return (steps/s of this rank, parameter+gradient+optimizer MB this rank holds, the rank's
+    peak RSS during this run in MB). The whole process's peak, not its rise: a warm engine reuses
+    memory that earlier cells freed, so a rise would flatter it against a fresh torchrun process."""
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    base_rss = _reset_peak_rss()
+    _reset_peak_rss()
     x, y = torch.randn(64, 256), torch.randint(0, 10, (64,))
     pipe = None
     if strategy == "fsdp":
@@ -68,7 +68,7 @@ def train(strategy: str, steps: int = 100, warmup: int = 10) -> tuple[float, flo
         opt.step()
     rate = steps / (time.perf_counter() - started)
     held = memory({"model": model, "opt": opt})
-    return rate, held["param_mb"] + held["grad_mb"] + held["optim_mb"], _status_mb("VmHWM") - base_rss
+    return rate, held["param_mb"] + held["grad_mb"] + held["optim_mb"], _status_mb("VmHWM")
 
 
 if __name__ == "__main__":

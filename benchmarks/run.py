@@ -51,10 +51,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def torchrun_rate(steps: int) -> float:
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
+def torchrun_rate(steps: int, nproc: int = 2) -> float:
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)))
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
          str(HERE / "workload.py"), f"--steps={steps}"],
         capture_output=True, text=True, env=env, cwd=HERE, timeout=300,
     )
@@ -311,7 +311,7 @@ def main() -> None:
             theirs_m = statistics.median(r for r, _, _ in theirs_p)
             ours_peak = statistics.median(p for _, _, p in ours_p)
             theirs_peak = statistics.median(p for _, _, p in theirs_p)
-            rows.append((f"--strategy {strategy}: steps/s; model state MB; peak RSS rise MB (rank 0)",
+            rows.append((f"--strategy {strategy}: steps/s; model state MB; peak RSS MB (rank 0)",
                          f"{ours_m:.1f}; {ours_p[0][1]:.2f}; {ours_peak:.1f}",
                          f"torchrun: {theirs_m:.1f}; {theirs_p[0][1]:.2f}; {theirs_peak:.1f}",
                          f"{ours_m / theirs_m:.3f}x (goal >= 0.98x)"))

@@ -130,6 +130,10 @@ def describe(gpu: str | None, threads: int, slot: int | None = None, slots: int 
         if "tensorflow" in sys.modules or torch is not None and torch.cuda.is_initialized():
             raise RuntimeError("a framework was imported on this engine before its GPU was assigned")
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    else:
+        # A CPU engine on a machine with GPUs (`--gpus none`): hide them, so that the cell's
+        # `device`, `nbdist.torch.device()` and the process group all agree on the CPU.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     for name in THREAD_VARIABLES:
         os.environ[name] = str(threads)
 

@@ -126,6 +126,10 @@ class DashboardFigure:
             if lo < y0 or hi > y1 or self._background is None:
                 ax.set_ylim(-_nice(-lo * 1.2) if lo < 0 else 0.0, _nice(hi * 1.2))
                 self._stale.add(name)
+        if final:
+            # The PNG that stays in the notebook: tight limits, so every panel's ticks are new
+            # (a blit over the live background would keep the live frames' tick labels).
+            self._background = None
         # The allreduce entries are there from the start: adding them later forced a full redraw.
         handles = [line for (axis, _), line in self._lines.items() if axis == "loss"]
         handles += [Patch(color="silver", label="compute"), Patch(color="darkred", label="allreduce")]

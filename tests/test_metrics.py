@@ -133,3 +133,25 @@ def test_mean_loss_is_over_ranks_per_step() -> None:
     steps, means = _MeanLoss().update(store)
     assert steps == list(range(300))
     assert means[10] == pytest.approx(2.0 / 1.1 + 0.005)
+
+
+def test_final_png_is_the_picture_drawn_from_scratch() -> None:
+    """The PNG left in the notebook must not keep the live frames' tick labels: a short cell is
+    drawn live on 30 s axes, and its final picture fits the data tightly."""
+    from nbdist.figure import DashboardFigure, Frame, Line
+
+    steps = list(range(20))
+    seconds = [0.2 * s for s in steps]  # a 4 s cell: its live time axes open at 30 s
+    frame = Frame(lines={
+        ("loss", 0): Line(steps, [1.0 / (1 + s) for s in steps], {"label": "rank 0", "color": "C0"}),
+        ("throughput", "all"): Line(seconds, [100.0] * 20, {"color": "tab:green"}),
+        ("load", 0): Line(seconds, [50.0] * 20, {"label": "rank 0", "color": "C0"}),
+    })
+    live = DashboardFigure()
+    live.draw(frame)
+    assert live.axes["throughput"].get_xlim()[1] == 30.0
+    final = live.draw(frame, final=True)
+    fresh = DashboardFigure().draw(frame, final=True)
+    assert final == fresh
+    labels = [t.get_text() for t in live.axes["throughput"].get_xticklabels()]
+    assert max(float(label.replace("\u2212", "-")) for label in labels) <= 4.0  # not the live 30 s
