@@ -198,7 +198,7 @@ def chart(ratios: list[tuple[str, float, float]], path: Path) -> None:
     for i, (_, v, g) in enumerate(ratios):
         ax.plot([g, g], [i - 0.4, i + 0.4], color="black", lw=2)  # the goal
         ax.text(v, i, f" {v:.2f}x", va="center", fontsize=8)
-    ax.set_xlabel("nbdist relative to the baseline, >1 is better (log scale; tick: goal; green: goal met)")
+    ax.set_xlabel("nbdist / baseline, >1 is better (log scale; tick: goal; green: met)")
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
