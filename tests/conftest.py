@@ -13,7 +13,7 @@ from nbdist.magics import NbdistMagics
 
 @pytest.fixture(scope="session")
 def pool() -> Iterator[nbdist.Pool]:
-    with nbdist.Pool(n=2) as p:
+    with nbdist.Pool(n=2, gpus="none") as p:  # CPU engines on gloo, also on a GPU machine
         yield p
 
 

@@ -103,7 +103,7 @@ def _alive(pids: set[int]) -> list[int]:
 def test_stop_leaves_no_process_behind() -> None:
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}
-    p = nbdist.Pool(n=2).start()
+    p = nbdist.Pool(n=2, gpus="none").start()
     started = {c.pid for c in me.children(recursive=True)} - before
     assert len(started) >= 3, "expected a controller and two engines"
     p.stop()

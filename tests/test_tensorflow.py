@@ -85,7 +85,7 @@ def reference(body: str) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def tf_pool() -> Iterator[nbdist.Pool]:
-    with nbdist.Pool(n=2) as p:
+    with nbdist.Pool(n=2, gpus="none") as p:  # CPU engines, also on a GPU machine
         yield p
 
 
