@@ -3,9 +3,10 @@
 It is a cell observer: the runner's poll loop calls it while the cell runs. Each second it
 copies what changed into a `Frame` (cheap) and hands the drawing (the costly part) to one
 low-priority thread. The kernel shares the cores with the engines, and a redraw at normal
-priority preempts a training rank, which stalls every rank at the next allreduce. Drawn on
-a SCHED_IDLE thread the dashboard cost ~0 % of throughput here, against ~3 % when drawn in
-the poll loop and ~2 % at nice 10 or 19 (`benchmarks/run.py`). When the cell ends
+priority preempts a training rank, which stalls every rank at the next allreduce. Drawn in
+the poll loop it cost ~3 % of throughput on 2 cores, ~2 % at nice 10 or 19; on a SCHED_IDLE
+thread 0-6 % across runs (`benchmarks/run.py`), most of it the first full draw of each
+cell. When the cell ends
 the widget is replaced by a static PNG, so executed notebooks show the plots on GitHub,
 nbviewer and under nbval.
 """
@@ -214,14 +215,22 @@ class Dashboard:
             frame.comm = [(str(r), s or 0.0) for r, s in zip(ranks, shares, strict=True)]
         return frame
 
+    def _progress(self) -> float | None:
+        """Share of the run done, when the cell gave its total number of steps."""
+        store = self.store
+        step = store.latest_step() if store is not None else None
+        if step is None or store is None or not store.total:
+            return None
+        return min(1.0, (step + 1) / store.total)
+
     def _label(self) -> str:
         store = self.store
         assert store is not None
         samples_s, steps_s = self._rates
         step = store.latest_step()
         text = f"{samples_s:,.0f} samples/s, {steps_s:,.1f} steps/s"
-        if step is not None and store.total:
-            done = min(1.0, (step + 1) / store.total)
+        done = self._progress()
+        if step is not None and done is not None:
             elapsed = time.time() - self._started
             eta = elapsed * (1 - done) / done if done > 0 else float("nan")
             text = f"step {int(step) + 1}/{store.total}, ETA {eta:,.0f} s &middot; " + text
@@ -236,10 +245,9 @@ class Dashboard:
             return
         self._widgets["image"].value = picture
         self._widgets["label"].value = label
-        store = self.store
-        step = store.latest_step() if store is not None else None
-        if step is not None and store is not None and store.total:
-            self._widgets["progress"].value = min(1.0, (step + 1) / store.total)
+        done = self._progress()
+        if done is not None:
+            self._widgets["progress"].value = done
 
 
 class _FiniteLoss:
