@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import ipyparallel as ipp
 import psutil
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 # period brings a 2-engine start to ~1.6 s. The tolerance stays 15 s (60 misses), so a busy
 # machine is not mistaken for dead engines; local engine deaths are seen from exit codes at once.
 HEARTBEAT_ARGS = ["--HeartMonitor.period=250", "--HeartMonitor.max_heartmonitor_misses=60"]
+EXIT_SETTLE_SECONDS = 2.0  # how long an engine the controller dropped may take to be seen exiting
 
 
 @dataclass(frozen=True)
@@ -383,18 +384,25 @@ class Pool:
         return self._backend
 
     def exits(self) -> list[EngineExit]:
-        """Engines whose process has ended, with how it ended."""
+        """Engines that have ended, or that the controller no longer has, with how they ended.
+
+        Both are asked. A local engine's exit status says how it ended. The controller's
+        registry covers engines with no process here (other hosts), and engines whose death
+        ipyparallel announced (its nanny reports one at once, failing the engine's tasks)
+        before this process could see the exit."""
+        client = self._client
+        registered = set(client.ids) if client is not None else {e.engine_id for e in self._engines}
         ended = []
-        registered = set(self._client.ids) if self._client is not None and not self._procs else None
         for engine in self._engines:
             process = self._procs.get(engine.rank)
-            if process is None:
-                if registered is not None and engine.engine_id not in registered:
-                    ended.append(EngineExit(engine.rank, engine.host, engine.pid, None, lost=True))
+            code = _RUNNING if process is None else _exit_status(process)
+            if code is _RUNNING and engine.engine_id in registered:
                 continue
-            ended_with = _exit_status(process)
-            if ended_with is not _RUNNING:
-                ended.append(EngineExit(engine.rank, engine.host, engine.pid, ended_with))
+            if code is _RUNNING and process is not None:
+                code = _await_exit(process, EXIT_SETTLE_SECONDS)  # unregistered: its status is on the way
+            lost = code is _RUNNING
+            exit_code = None if lost else cast("int | None", code)
+            ended.append(EngineExit(engine.rank, engine.host, engine.pid, exit_code, lost=lost))
         return ended
 
     def status(self) -> list[EngineStatus]:
@@ -638,6 +646,16 @@ def _launch_failure(cfg: PoolConfig, cluster: ipp.Cluster, exc: Exception) -> st
             "there has nbdist and ipyparallel installed (--python names it). Nothing was left running."
         )
     return f"the {plan.launcher} launcher could not start the engines: {exc}"
+
+
+def _await_exit(process: psutil.Process, seconds: float) -> Any:
+    """The exit status of a process expected to end within `seconds`, or _RUNNING."""
+    deadline = time.monotonic() + seconds
+    code = _exit_status(process)
+    while code is _RUNNING and time.monotonic() < deadline:
+        time.sleep(0.02)
+        code = _exit_status(process)
+    return code
 
 
 def _exit_status(process: psutil.Process) -> Any:

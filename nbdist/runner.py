@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from nbdist.pool import EngineExit, Pool
 
 POLL_SECONDS = 0.1
+ENGINE_DIED = "EngineError"  # what ipyparallel fails a task with when its engine dies
+DEATH_SETTLE_SECONDS = 3.0  # how long the controller's word of that death may trail the failure
 LOST_STATE = (
     "The pool was restarted with fresh engines: every variable on the engines is lost "
     "(re-run the cells that define them, or restore a checkpoint)."
@@ -96,11 +98,20 @@ def _outcome(ar: Any, rank: int) -> CellOutcome:
         result = ar.result()
     except Exception as exc:  # noqa: BLE001 - e.g. the engine could not send its result
         render = getattr(exc, "render_traceback", None)
-        text = "\n".join(render()) if callable(render) else f"{type(exc).__name__}: {exc}"
-        return CellOutcome(rank=rank, ok=False, ename=type(exc).__name__, evalue=str(exc),
-                           traceback=text)
+        ename = getattr(exc, "ename", None) or type(exc).__name__  # a RemoteError names what it wraps
+        text = "\n".join(render()) if callable(render) else f"{ename}: {exc}"
+        return CellOutcome(rank=rank, ok=False, ename=ename, evalue=str(exc), traceback=text)
     assert isinstance(result, CellOutcome)
     return result
+
+
+def _await_exits(pool: Pool, seconds: float) -> list[EngineExit]:
+    deadline = time.monotonic() + seconds
+    exits = pool.exits()
+    while not exits and time.monotonic() < deadline:
+        time.sleep(0.05)
+        exits = pool.exits()
+    return exits
 
 
 def _ranks_were(ranks: list[int]) -> str:
@@ -208,6 +219,12 @@ class CellRunner:
         stream.pump(final=True)
         outcomes = [_outcome(ar, rank) for rank, ar in enumerate(pending)]
         failed = [o for o in outcomes if not o.ok]
+        if any(o.ename == ENGINE_DIED for o in failed):
+            # ipyparallel failed a task because its engine died; the controller's word of it
+            # (and the exit status) can trail the failed result by a moment.
+            exits = _await_exits(pool, DEATH_SETTLE_SECONDS)
+            if exits:
+                raise self._engine_died(exits, {o.rank: o for o in outcomes})
         if failed:
             raise _failure_error(failed, "Engine state is kept: the pool is ready for the next cell.")
         return outcomes
