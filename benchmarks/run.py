@@ -116,9 +116,12 @@ def tf_nbdist_rate(pool: nbdist.Pool, steps: int) -> float:
     return float(result.value)
 
 
+DASHBOARD = Dashboard(keep_png=False)  # reused from cell to cell, as `%%distributed` does
+
+
 def nbdist_rate(pool: nbdist.Pool, steps: int, report: bool = False, dashboard: bool = False,
                 width: int = 512) -> float:
-    observers = [Dashboard(keep_png=False)] if dashboard else []
+    observers = [DASHBOARD] if dashboard else []
     result = pool.run(
         f"import sys\nsys.path.insert(0, {str(HERE)!r})\nfrom workload import train\n"
         f"train(steps={steps}, report={report}, width={width})",

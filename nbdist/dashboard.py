@@ -46,26 +46,32 @@ def _lower_priority() -> None:
 class Dashboard:
     """Loss per rank and mean, throughput, device load and allreduce share, with progress.
 
-    Works from the Python API too: `pool.run(code, observers=[nbdist.Dashboard()])`.
+    Works from the Python API too: `pool.run(code, observers=[dashboard])`. One dashboard can
+    watch cell after cell, each drawn afresh; reusing it is cheaper than a new one per cell.
     """
 
     def __init__(self, refresh: float = 1.0, keep_png: bool = True) -> None:
         self.refresh = refresh
         self.keep_png = keep_png
-        self.store: MetricStore | None = None
+        # Kept from cell to cell when the dashboard is reused (as `%%distributed` does): a new
+        # cell then redraws only the panels whose limits change, not a whole new figure.
         self.figure = DashboardFigure()
         self.renders = 0
+        self._painter: ThreadPoolExecutor | None = None
+        self._inflight: tuple[Future[bytes], str] | None = None
+        self._new_cell(None)
+
+    def _new_cell(self, store: MetricStore | None) -> None:
+        self.store = store
+        self._started = time.time()
         self._last = 0.0
         self._shown = False
         self._handle: Any = None
         self._widgets: dict[str, Any] = {}
         self._throughput: list[tuple[float, float, float]] = []
-        self._started = 0.0
         self._mean = _MeanLoss()
         self._finite: dict[int, _FiniteLoss] = {}
         self._frame = Frame()
-        self._painter: ThreadPoolExecutor | None = None
-        self._inflight: tuple[Future[bytes], str] | None = None
         self._rates = (0.0, 0.0)  # (samples/s, steps/s) at the last frame
 
     @property
@@ -79,8 +85,8 @@ class Dashboard:
     # -- observer protocol ------------------------------------------------------------------
 
     def cell_started(self, store: MetricStore) -> None:
-        self.store = store
-        self._started = time.time()
+        self._new_cell(store)
+        self.figure.new_run()
 
     def _show(self) -> None:
         """Display the widget once the cell reports its first training record, so cells that

@@ -166,6 +166,7 @@ class NbdistMagics(Magics):
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
         self.pool: Pool | None = None
+        self.dashboard = Dashboard()  # one for every cell: each new figure cost its engines ~0.1 s
 
     @property
     def _ns(self) -> dict[str, Any]:
@@ -267,7 +268,7 @@ class NbdistMagics(Magics):
             result = pool.run(
                 cell, backend=args.backend, strategy=args.strategy, ps=args.ps, restart=args.restart,
                 output=args.output, timeout=args.timeout, line_offset=1,
-                observers=[] if args.no_dashboard else [Dashboard()],
+                observers=[] if args.no_dashboard else [self.dashboard],
             )
         except DistributedCellError:
             raise
