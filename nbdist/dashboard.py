@@ -3,11 +3,11 @@
 It is a cell observer: the runner's poll loop calls it while the cell runs. Each second it
 copies what changed into a `Frame` (cheap) and hands the drawing (the costly part) to one
 low-priority thread. The kernel shares the cores with the engines, and a redraw at normal
-priority preempts a training rank, which stalls every rank at the next allreduce. Drawn in
-the poll loop it cost ~3 % of throughput on 2 cores, ~2 % at nice 10 or 19; on a SCHED_IDLE
-thread 0-6 % across runs (`benchmarks/run.py`), most of it the first full draw of each
-cell. When the cell ends
-the widget is replaced by a static PNG, so executed notebooks show the plots on GitHub,
+priority preempts a training rank, which stalls every rank at the next allreduce. Even on a
+SCHED_IDLE thread the drawing's CPU time showed up, nearly one for one, as lost throughput on 2
+busy cores, so the figure is kept from cell to cell and its costly parts are few: ~0.1 s of
+drawing per cell plus ~3 ms a frame (`benchmarks/run.py`: 0.99x of the dashboard off). When the
+cell ends the widget is replaced by a static PNG, so executed notebooks show the plots on GitHub,
 nbviewer and under nbval.
 """
 

@@ -176,11 +176,15 @@ class DashboardFigure:
 
     def _fit_tight(self) -> None:
         for name in GROWING:
+            ax = self.axes[name]
             data = self._data_range(name)
-            if data is not None:
-                x_max, lo, hi = data
-                self.axes[name].set_xlim(0.0, x_max * 1.02 or 1.0)
-                self.axes[name].set_ylim(lo * 1.05, hi * 1.05 or 1.0)
+            if data is None:  # nothing this cell: an empty panel, not the last cell's axes
+                ax.set_xlim(0.0, 1.0)
+                ax.set_ylim(0.0, 1.0)
+                continue
+            x_max, lo, hi = data
+            ax.set_xlim(0.0, x_max * 1.02 or 1.0)
+            ax.set_ylim(lo * 1.05, hi * 1.05 or 1.0)
 
     def _fit_legend(self, lines: list[Any]) -> None:
         """One legend for the figure, above the panels, where it never hides data. The

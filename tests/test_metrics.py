@@ -159,6 +159,12 @@ def test_final_png_is_the_picture_drawn_from_scratch() -> None:
     fresh = DashboardFigure().draw(frame, final=True)
     assert final == fresh
     assert live.draw(frame) == live_picture  # and the live view goes on from its own axes
+    # A next cell on the same figure, shorter and without load samples, ends on its own picture too.
+    short = Frame(lines={key: Line(line.xs[:5], line.ys[:5], line.style)
+                         for key, line in frame.lines.items() if key[0] != "load"})
+    live.new_run()
+    live.draw(short)
+    assert live.draw(short, final=True) == DashboardFigure().draw(short, final=True)
 
 
 def _load(store: MetricStore, **more: float) -> None:
