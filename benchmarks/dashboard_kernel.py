@@ -20,8 +20,12 @@ from nbclient import NotebookClient
 
 HERE = Path(__file__).resolve().parent
 STEPS = 12000  # ~15 s at ~800 steps/s per rank: the 400+ steps/s with report() every step
-CELL = (f"import sys\nsys.path.insert(0, {str(HERE)!r})\nfrom workload import train\n"
-        f"train(steps={STEPS}, report=True, width=64)")
+
+
+def cell(steps: int, dashboard: bool) -> str:
+    return ("%%distributed\n" if dashboard else "%%distributed --no-dashboard\n") + (
+        f"import sys\nsys.path.insert(0, {str(HERE)!r})\nfrom workload import train\n"
+        f"train(steps={steps}, report=True, width=64)")
 
 
 def main() -> None:
@@ -42,11 +46,11 @@ def main() -> None:
     with client.setup_kernel():
         run("%load_ext nbdist\n%nbdist start -n 2\nimport resource\n"
             "def _cpu():\n    r = resource.getrusage(resource.RUSAGE_SELF)\n    return r.ru_utime + r.ru_stime")
-        run("%%distributed\n" + CELL.replace(str(STEPS), "50"))  # warm: imports, matplotlib, the figure
+        run(cell(50, dashboard=True))  # warm: imports, matplotlib, the figure
         for i in range(rounds):
             for side in ("off", "on") if i % 2 == 0 else ("on", "off"):
                 run("_c0 = _cpu()")
-                run(("%%distributed --no-dashboard\n" if side == "off" else "%%distributed\n") + CELL)
+                run(cell(STEPS, dashboard=side == "on"))
                 rate, seconds = map(float, run("print(_, _cpu() - _c0)").split())
                 rates[side].append(rate)
                 cpu[side].append(seconds)

@@ -19,7 +19,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-GROWING = ("loss", "throughput", "load", "memory", "steps")  # panels whose limits follow the data
 PANELS = {
     "loss": ("loss per rank and mean", "step"),
     "throughput": ("global throughput (samples/s)", "seconds"),
@@ -28,6 +27,7 @@ PANELS = {
     "memory": ("memory MB: GPU or RSS, model state dashed", "seconds"),
     "steps": ("steps/s (fastest rank)", "seconds"),
 }
+GROWING = tuple(name for name in PANELS if name != "comm")  # panels whose limits follow the data
 LABEL_BELOW = -0.15  # x labels' top, in axes heights below the axis: clear of 8 pt tick labels
 
 
