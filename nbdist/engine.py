@@ -269,10 +269,11 @@ def run_cell(
     from ipyparallel.datapub import publish_data
 
     reporter = metrics.Reporter(publish_data)
-    metrics.activate(reporter)
     backend = _CONTEXT.backend
     extra = (lambda: backend.memory(ns)) if backend is not None else None
-    sampler = LoadSampler(reporter.report, info.gpu if info is not None else None, extra=extra).start()
+    sampler = LoadSampler(reporter.report, info.gpu if info is not None else None, extra=extra)
+    metrics.activate(reporter, between_steps=sampler.between_steps)
+    sampler.start()
     try:
         body, last = _split_last_expression(ast.parse(code, filename))
         exec(compile(body, filename, "exec"), ns)

@@ -37,7 +37,13 @@ class LoadSampler:
     def __init__(self, sink: Callable[[dict[str, Any]], None], gpu: str | None,
                  interval: float = SAMPLE_SECONDS, extra: Callable[[], dict[str, float]] | None = None) -> None:
         self._sink = sink
-        self._extra = extra  # e.g. the backend's parameter / gradient / optimizer memory
+        # The backend's parameter / gradient / optimizer memory. It reads tensors (`.grad`) that
+        # backward writes without the GIL, so it runs on the training thread between steps
+        # (`between_steps`): scanned from this thread it crashed engines with SIGSEGV.
+        self._extra = extra
+        self._extra_due = threading.Event()
+        self._extra_due.set()  # the first report scans: samples carry memory from the start
+        self._extra_values: dict[str, float] = {}
         self._interval = interval
         self._gpu = _gpu_probe(gpu)
         self._process = psutil.Process()
@@ -57,12 +63,19 @@ class LoadSampler:
         }
         if self._gpu is not None:
             record.update(self._gpu())
-        if self._extra is not None:
-            try:
-                record.update(self._extra())
-            except RuntimeError:  # the cell changed its namespace mid-scan: next sample
-                pass
+        record.update(self._extra_values)
+        self._extra_due.set()
         return record
+
+    def between_steps(self) -> None:
+        """Called by the training thread (`nbdist.report()`); scans memory once per sample."""
+        if self._extra is None or not self._extra_due.is_set():
+            return
+        self._extra_due.clear()
+        try:
+            self._extra_values = self._extra()
+        except RuntimeError:  # the cell changed its namespace mid-scan: next sample
+            pass
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval):

@@ -61,13 +61,16 @@ class Reporter:
 
 
 class _Active:
-    """The reporter of the cell now running on this engine (None between cells)."""
+    """The reporter of the cell now running on this engine (None between cells), and what must
+    run on the training thread when it reports (between two steps, where tensors are at rest)."""
 
     reporter: Reporter | None = None
+    between_steps: Callable[[], None] | None = None
 
 
-def activate(reporter: Reporter | None) -> None:
+def activate(reporter: Reporter | None, between_steps: Callable[[], None] | None = None) -> None:
     _Active.reporter = reporter
+    _Active.between_steps = between_steps
 
 
 def active() -> Reporter | None:
@@ -81,6 +84,8 @@ def report(**values: Any) -> None:
     reporter = _Active.reporter
     if reporter is not None:
         reporter.report(values)
+        if _Active.between_steps is not None:
+            _Active.between_steps()
 
 
 def add_time(name: str, seconds: float) -> None:

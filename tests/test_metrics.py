@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+import threading
 import time
 
 import numpy as np
@@ -203,3 +204,38 @@ def test_a_reused_dashboard_draws_a_new_cell_without_a_new_figure() -> None:
     # The panels, ticks included, look as a new figure draws them: nothing of the first cell.
     for name in ("loss", "memory"):
         assert np.abs(_panel(dashboard, reused, name) - _panel(fresh, new, name)).max() < 40, name
+
+
+def test_model_memory_is_scanned_on_the_training_thread_between_steps() -> None:
+    """The memory scan reads tensors that backward writes without the GIL: run on the sampler's
+    thread it crashed engines with SIGSEGV. `report()` runs it, once per load sample."""
+    from nbdist import metrics
+    from nbdist.load import LoadSampler
+
+    scans: list[str] = []
+
+    def scan() -> dict[str, float]:
+        scans.append(threading.current_thread().name)
+        return {"param_mb": 1.5}
+
+    published: list[dict[str, object]] = []
+    reporter = Reporter(published.append, interval=0.0)
+    sampler = LoadSampler(reporter.report, None, interval=0.05, extra=scan)
+    metrics.activate(reporter, between_steps=sampler.between_steps)
+    sampler.start()
+    steps = 0
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(
+                r.get("param_mb") == 1.5 for batch in published for rows in batch.values() for r in rows):
+            nbdist.report(step=steps, loss=1.0)
+            steps += 1
+            time.sleep(0.005)
+    finally:
+        sampler.stop()
+        metrics.activate(None)
+    rows = [r for batch in published for rs in batch.values() for r in rs]
+    loads = [r for r in rows if r.get("kind") == "load"]
+    assert any(r.get("param_mb") == 1.5 for r in loads)
+    assert scans and set(scans) == {threading.current_thread().name}  # never the sampler's thread
+    assert len(scans) <= len(loads) + 1 < steps  # once per sample, not once per step
