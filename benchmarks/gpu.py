@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import nbdist_rate, pair, torchrun_rate  # noqa: E402
 
 import nbdist  # noqa: E402
-from nbdist.devices import visible_gpus  # noqa: E402
+from nbdist._devices import visible_gpus  # noqa: E402
 
 
 def main() -> None:

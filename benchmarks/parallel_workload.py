@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 import nbdist.torch as nbt
-from nbdist.torch_parallel import memory
+from nbdist.backends.torch._memory import memory
 
 
 def build(width: int = 512) -> nn.Sequential:

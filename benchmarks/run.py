@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import nbdist
-from nbdist.dashboard import Dashboard
+from nbdist import Dashboard
 
 HERE = Path(__file__).resolve().parent
 
@@ -157,7 +157,7 @@ def raw_ipp_cold() -> float:
 
 def scaling_row(steps: int) -> tuple[float, float, float]:
     """Samples/s at 1 and 2 engines (fresh pools; 64 samples per rank per step) and the efficiency."""
-    from nbdist.scaling import scaling_report
+    from nbdist import scaling_report
 
     report = scaling_report(f"train(steps={steps}, report=True)", (1, 2),
                             setup=f"import sys\nsys.path.insert(0, {str(HERE)!r})\nfrom workload import train\n"

@@ -1,23 +1,27 @@
 """nbdist: distributed deep-learning training from a notebook.
 
-Importing nbdist never imports torch or TensorFlow: frameworks are imported on engines.
+The layout says which process code runs in: `kernel/` (the notebook kernel), `cluster/`
+(starting and watching the engines' processes, from the kernel), `engine/` (inside each
+engine), `backends/` (a framework and its strategies, imported on engines), and the helpers
+cells import at the top (`nbdist.torch`, `nbdist.keras`, `nbdist.checkpoint`). Importing
+nbdist never imports torch or TensorFlow.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from nbdist import metrics as _metrics
-from nbdist.config import PoolConfig
-from nbdist.dashboard import Dashboard
-from nbdist.errors import (
+from nbdist._errors import (
     ConfigError,
     DistributedCellError,
     NbdistError,
     PoolStartError,
     PoolStateError,
 )
-from nbdist.pool import Pool
+from nbdist.cluster import PoolConfig
+from nbdist.engine import _metrics
+from nbdist.kernel._dashboard import Dashboard
+from nbdist.kernel._pool import Pool
 
 __version__ = "0.1.0"
 
@@ -41,29 +45,29 @@ __all__ = [
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    from nbdist.magics import NbdistMagics
+    from nbdist.kernel._magics import NbdistMagics
 
     ipython.register_magics(NbdistMagics(ipython))
 
 
 def unload_ipython_extension(ipython: Any) -> None:
-    from nbdist.magics import NbdistMagics
+    from nbdist.kernel._session import MAGICS_NAME
 
-    magics = ipython.magics_manager.registry.get(NbdistMagics.__name__)
+    magics = ipython.magics_manager.registry.get(MAGICS_NAME)
     if magics is not None:
         magics.shutdown()
 
 
 def __getattr__(name: str) -> Any:
-    # Submodules that import torch when used: load them only when asked (on engines).
+    # Helpers that import a framework when used: loaded only when asked (on engines).
     import importlib
 
     if name in ("torch", "checkpoint", "keras"):
         return importlib.import_module(f"nbdist.{name}")
     if name in ("scaling_report", "ScalingReport"):
-        return getattr(importlib.import_module("nbdist.scaling"), name)
+        return getattr(importlib.import_module("nbdist.kernel._scaling"), name)
     if name == "PoolWidget":  # ipywidgets is imported only when the panel is asked for
-        return importlib.import_module("nbdist.widget").PoolWidget
+        return importlib.import_module("nbdist.kernel._widget").PoolWidget
     raise AttributeError(f"module 'nbdist' has no attribute {name!r}")
 
 
@@ -79,7 +83,7 @@ def history(pool: Pool | None = None) -> Any:
     """Every metric reported so far on `pool` (default: the notebook's `%nbdist` pool),
     as a pandas DataFrame with columns cell, rank, kind, t, step, loss, samples, ..."""
     if pool is None:
-        from nbdist.magics import notebook_pool
+        from nbdist.kernel._session import notebook_pool
 
         pool = notebook_pool()
     return pool.history.frame()

@@ -21,13 +21,15 @@ FORMAT = "nbdist-checkpoint-1"
 
 
 def _unwrap(model: Any) -> Any:
-    return getattr(model, "module", model)
+    from nbdist.backends.torch._model import bare_module
+
+    return bare_module(model)
 
 
 def _sharded(model: Any) -> bool:
     from torch import nn
 
-    from nbdist.torch_parallel import is_sharded
+    from nbdist.backends.torch.fsdp import is_sharded
 
     return isinstance(model, nn.Module) and is_sharded(model)
 
@@ -49,7 +51,7 @@ def save(path: str | os.PathLike[str], *, model: Any = None, optimizer: Any = No
     rank, barrier = _rank_and_barrier()
     model_state = optimizer_state = None
     if model is not None and _sharded(model):  # a collective: all ranks gather, rank 0 writes
-        from nbdist.torch_parallel import full_optimizer_state_dict, full_state_dict
+        from nbdist.backends.torch.fsdp import full_optimizer_state_dict, full_state_dict
 
         model_state = full_state_dict(model)
         if optimizer is not None:
@@ -89,7 +91,7 @@ def restore(path: str | os.PathLike[str], *, model: Any = None, optimizer: Any =
     if state.get("format") != FORMAT:
         raise ValueError(f"{source} is not an nbdist checkpoint")
     if model is not None and _sharded(model):
-        from nbdist.torch_parallel import load_full_state
+        from nbdist.backends.torch.fsdp import load_full_state
 
         load_full_state(model, state["model"], optimizer, state["optimizer"] if optimizer is not None else None)
     elif model is not None:

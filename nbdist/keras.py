@@ -11,7 +11,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from nbdist import metrics
+from nbdist import engine as metrics
 
 
 class Reporter(tf.keras.callbacks.Callback):

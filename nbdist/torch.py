@@ -7,18 +7,19 @@ engine state alone, so the same script also runs under `torchrun`.
 from __future__ import annotations
 
 import copy
-import os
-import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from nbdist import metrics, torch_parallel
+from nbdist.backends.torch import ddp, fsdp
+from nbdist.backends.torch import pipeline as _pipeline
+from nbdist.backends.torch import tensor as _tensor
+from nbdist.backends.torch._device import rank_device
+from nbdist.backends.torch._model import bare_module
+from nbdist.backends.torch._strategy import TorchStrategy
 
 __all__ = [
     "Pipeline", "attention_plan", "autocast", "device", "loader", "mlp_plan", "pipeline", "prepare", "shard",
@@ -27,17 +28,16 @@ __all__ = [
 
 
 def device() -> torch.device:
-    """This rank's device: its GPU when it has one, else the CPU."""
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    """This rank's device: its GPU when it has one, else the CPU (the same answer the
+    cell's `device` gives, in an nbdist engine and under torchrun alike)."""
+    return rank_device()
 
 
-def _strategy() -> str:
+def _strategy() -> TorchStrategy:
     from nbdist.engine import current
 
-    return current().strategy or "ddp"
+    strategy = current().strategy
+    return strategy if isinstance(strategy, TorchStrategy) else ddp.DDP()
 
 
 def prepare(model: nn.Module, **options: Any) -> Any:
@@ -51,51 +51,17 @@ def prepare(model: nn.Module, **options: Any) -> Any:
             "no process group: run this in a %%distributed cell (or under torchrun after "
             "init_process_group)"
         )
-    strategy = _strategy()
-    if strategy == "fsdp":
-        return torch_parallel.shard(model, **options)
-    if strategy == "tensor":
-        return torch_parallel.tensor_parallel(model, **options)
-    if strategy == "pipeline":
-        return torch_parallel.pipeline(model, **options)
-    dev = device()
-    model = model.to(dev)
-    device_ids = [dev.index] if dev.type == "cuda" else None
-    ddp = DistributedDataParallel(model, device_ids=device_ids, **options)
-    ddp.register_comm_hook(state=None, hook=_timed_allreduce)
-    return ddp
+    return _strategy().prepare(model, **options)
 
 
 # The model-parallel helpers, also callable directly (e.g. `nbdist.torch.pipeline(...)` in a
 # cell whose strategy is ddp, to compare).
-shard = torch_parallel.shard
-pipeline = torch_parallel.pipeline
-tensor_parallel = torch_parallel.tensor_parallel
-mlp_plan = torch_parallel.mlp_plan
-attention_plan = torch_parallel.attention_plan
-Pipeline = torch_parallel.Pipeline
-
-
-def _timed_allreduce(
-    state: object, bucket: dist.GradBucket
-) -> torch.futures.Future[torch.Tensor]:
-    """DDP's own allreduce, timed from launch to completion for the dashboard's
-    compute/communication split (`comm_s` in reported records)."""
-    started = time.perf_counter()
-    future = default_hooks.allreduce_hook(None, bucket)  # type: ignore[arg-type]
-
-    def done(fut: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
-        metrics.add_time("comm_s", time.perf_counter() - started)
-        return fut.value()
-
-    return future.then(done)
-
-
-# DDP checks the hook's annotations as objects; `from __future__ import annotations` made
-# them strings, so give it the real ones.
-_timed_allreduce.__annotations__ = {
-    "state": object, "bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]
-}
+shard = fsdp.shard
+pipeline = _pipeline.pipeline
+tensor_parallel = _tensor.tensor_parallel
+mlp_plan = _tensor.mlp_plan
+attention_plan = _tensor.attention_plan
+Pipeline = _pipeline.Pipeline
 
 
 class _EpochLoader(DataLoader):
@@ -141,12 +107,9 @@ def unwrap(value: Any) -> Any:
 
     A sharded model (FSDP, tensor parallel) comes back whole; gathering it is a collective,
     so every rank must call this together (`%nbdist pull` arranges that)."""
-    if isinstance(value, torch_parallel.Pipeline):
-        value = value.module  # this rank's stage
-    if isinstance(value, DistributedDataParallel):
-        value = value.module
-    if isinstance(value, nn.Module) and torch_parallel.is_sharded(value):
-        return torch_parallel.plain_copy(value)
+    value = bare_module(value)  # a pipeline gives this rank's stage
+    if isinstance(value, nn.Module) and fsdp.is_sharded(value):
+        return fsdp.plain_copy(value)
     if isinstance(value, nn.Module):
         on_cpu = all(p.device.type == "cpu" for p in value.parameters())
         if not on_cpu:

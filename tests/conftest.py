@@ -8,7 +8,7 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 import nbdist
-from nbdist.magics import NbdistMagics
+from nbdist.kernel._magics import NbdistMagics
 
 
 @pytest.fixture(scope="session")

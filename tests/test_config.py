@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from nbdist.backends import check_choice
-from nbdist.config import parse_gpus, resolve_config
-from nbdist.errors import ConfigError
+from nbdist import ConfigError
+from nbdist._wire import Formation, RankInfo
+from nbdist.backends import BACKENDS, backend_spec
+from nbdist.cluster import parse_gpus, resolve_config
 
 NO_GPU: dict[str, str] = {"CUDA_VISIBLE_DEVICES": ""}
 
@@ -53,11 +54,41 @@ def test_gpu_spec_rejected(spec: str) -> None:
 
 
 def test_backend_and_strategy_choices() -> None:
-    assert check_choice("torch", None) == "ddp"
+    assert backend_spec("torch").strategy(None).name == "ddp"
+    assert [s.name for s in BACKENDS["tensorflow"].strategies] == ["multiworker", "ps", "mirrored"]
+    with pytest.raises(ConfigError, match="choose one of ddp, fsdp, pipeline, tensor"):
+        backend_spec("torch").strategy("zero")
     with pytest.raises(ConfigError, match="choose one of"):
-        check_choice("torch", "zero")
-    with pytest.raises(ConfigError, match="choose one of"):
-        check_choice("jax", None)
+        backend_spec("jax")
+
+
+def test_a_strategy_says_how_it_is_formed_and_checks_its_options() -> None:
+    torch, tf = BACKENDS["torch"], BACKENDS["tensorflow"]
+    # One torch group serves every strategy; TensorFlow is joined per strategy and its options.
+    assert torch.formation(torch.strategy("fsdp"), {"ps": 3}) == Formation("torch")
+    ps = tf.strategy("ps")
+    assert tf.formation(ps, {"ps": 2}) == Formation("tensorflow", "ps", (("ps", 2),))
+    assert tf.formation(tf.strategy("multiworker"), {"ps": 2}) == Formation("tensorflow", "multiworker")
+    with pytest.raises(ConfigError, match="--ps 2 does not fit 2 engines: .* choose 1 to 1"):
+        ps.check(2, {"ps": 2})
+    ps.check(3, {"ps": 2})
+    # With no engine left for a worker, the coordinator's engine hosts one on an extra port.
+    assert ps.extra_servers(2, {"ps": 1}) == 1 and ps.extra_servers(3, {"ps": 1}) == 0
+    assert [ps.runs_cell(r, 3, {"ps": 1}) for r in range(3)] == [True, False, False]
+    assert {s.name: s.threads for s in torch.strategies} == {
+        "ddp": "compute", "fsdp": "compute", "pipeline": "all", "tensor": "all"}
+
+
+def test_parameter_server_roles_from_the_ranks() -> None:
+    ps = BACKENDS["tensorflow"].strategy("ps")
+    peers = ("a:1", "b:2", "c:3", "d:4")
+    infos = [RankInfo(r, r, 4, 4, 0, "a", 1, None, 1, peers=peers) for r in range(4)]
+    roles = [ps.roles(i, {"ps": 2}) for i in infos]  # type: ignore[attr-defined]
+    assert roles[0] == ({"chief": ["a:1"], "worker": ["b:2"], "ps": ["c:3", "d:4"]}, "chief", 0)
+    assert [r[1:] for r in roles] == [("chief", 0), ("worker", 0), ("ps", 0), ("ps", 1)]
+    # Two engines and one server: the chief's engine hosts the one worker on the extra peer.
+    two = [RankInfo(r, r, 2, 2, 0, "a", 1, None, 1, peers=("a:1", "b:2", "a:3")) for r in range(2)]
+    assert ps.roles(two[0], {"ps": 1})[0]["worker"] == ["a:3"]  # type: ignore[attr-defined]
 
 
 def test_several_gpus_per_engine_for_single_process_multi_gpu_strategies() -> None:
@@ -69,3 +100,32 @@ def test_several_gpus_per_engine_for_single_process_multi_gpu_strategies() -> No
         resolve_config(None, "0,1,2", gpus_per_engine=2, environ=env)
     with pytest.raises(ConfigError, match="multiple of 2"):
         resolve_config(None, gpus_per_engine=2, environ=NO_GPU)
+
+
+def test_one_device_rule_for_engines_and_torchrun_workers() -> None:
+    """nbdist.torch.device(), the cell's `device` and the backend's group all come from one rule:
+    an engine sees only the GPUs it owns (CUDA_VISIBLE_DEVICES set before torch touches CUDA), so
+    its device is cuda:0 whatever its local rank; a torchrun worker sees the host's GPUs."""
+    from nbdist.backends.torch._device import NOT_AN_ENGINE, device_index
+
+    assert device_index("0,1", visible=2, local_rank=1) == 0  # --gpus-per-engine 2, second engine
+    assert device_index("3", visible=1, local_rank=1) == 0
+    assert device_index(None, visible=2, local_rank=1) is None  # a CPU engine on a GPU machine
+    assert device_index("0", visible=0, local_rank=0) is None  # no CUDA in this torch
+    assert device_index(NOT_AN_ENGINE, visible=4, local_rank=1) == 1
+    assert device_index(NOT_AN_ENGINE, visible=0, local_rank=1) is None
+
+
+def test_an_engine_owning_two_gpus_sees_exactly_them() -> None:
+    """What the rule assumes, at its boundary: pinning sets the engine's own CUDA_VISIBLE_DEVICES
+    (and its thread variables) before any framework import; a CPU engine hides every GPU."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os\nfrom nbdist.engine._context import pin\n"
+        "pin('2,3', 4, 1, 2); print(os.environ['CUDA_VISIBLE_DEVICES'], os.environ['OMP_NUM_THREADS'])\n"
+        "pin(None, 1); print(repr(os.environ['CUDA_VISIBLE_DEVICES']))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["2,3 4", "''"]

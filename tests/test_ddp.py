@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -144,10 +145,84 @@ def test_pulled_model_is_unwrapped_and_usable(pool: nbdist.Pool) -> None:
     assert model(torch.zeros(3, 8)).shape == (3, 1)
 
 
+def _kernel_side_modules() -> list[str]:
+    """Every module the notebook kernel may import: the kernel and cluster packages, the
+    shared private modules, the engine package (its functions travel by reference), and the
+    backends' registries and strategy files; not the `_` modules of a backend (engines only)."""
+    import pkgutil
+
+    root = Path(nbdist.__file__).parent
+    names = ["nbdist"]
+    for info in pkgutil.walk_packages([str(root)], prefix="nbdist."):
+        parts = info.name.split(".")
+        if parts[1] in ("torch", "keras", "checkpoint"):
+            continue  # cell helpers, imported on engines
+        if parts[1] == "backends" and len(parts) == 4 and parts[3].startswith("_"):
+            continue  # a backend's framework-importing modules
+        names.append(info.name)
+    return names
+
+
 def test_importing_nbdist_imports_no_framework() -> None:
+    modules = _kernel_side_modules()
+    assert {"nbdist.kernel._magics", "nbdist.cluster._cluster", "nbdist.backends.torch.fsdp",
+            "nbdist.backends.tensorflow.ps", "nbdist.engine._cell"} <= set(modules)
     code = (
-        "import sys, nbdist, nbdist.magics, nbdist.runner, nbdist.dashboard\n"
-        "print(sorted(m for m in ('torch', 'tensorflow') if m in sys.modules))"
+        f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+        "print(sorted(m for m in ('torch', 'tensorflow', 'keras', 'tf_keras') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_no_import_cycle_between_modules() -> None:
+    """Imports inside nbdist form no cycle, counting those inside functions too (only
+    `if TYPE_CHECKING:` blocks are left out: they never run)."""
+    import ast
+
+    root = Path(nbdist.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root.parent).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        deps: set[str] = set()
+        tree = ast.parse(path.read_text())
+        for block in [n for n in ast.walk(tree) if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)]:
+            block.body = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nbdist"):
+                deps.add(node.module)
+                deps.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("nbdist"))
+        graph[name] = deps
+    # A module's own packages are already being imported when it runs: not a cycle.
+    graph = {m: {d for d in deps if d in graph and d != m and not m.startswith(d + ".")}
+             for m, deps in graph.items()}
+
+    def parents(name: str) -> list[str]:  # importing a.b.c runs a/__init__ and a.b/__init__ first
+        parts = name.split(".")
+        return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+    for m in graph:
+        graph[m] |= {p for d in graph[m] for p in parents(d) if p in graph and p != m and not m.startswith(p + ".")}
+    seen: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        if seen.get(m) == 1:
+            raise AssertionError(f"import cycle: {' -> '.join(path[path.index(m):] + [m])}")
+        if seen.get(m) == 2:
+            return
+        seen[m] = 1
+        for d in sorted(graph[m]):
+            visit(d, path + [m])
+        seen[m] = 2
+
+    for m in sorted(graph):
+        visit(m, [])
+
+
+def test_no_module_is_over_400_lines() -> None:
+    root = Path(nbdist.__file__).parent
+    long = {str(p.relative_to(root)): n for p in root.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert long == {}

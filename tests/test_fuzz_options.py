@@ -8,7 +8,7 @@ import random
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
-from nbdist.magics import NbdistMagics
+from nbdist.kernel._magics import NbdistMagics
 
 pytestmark = pytest.mark.integration
 

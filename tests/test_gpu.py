@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 import nbdist
-from nbdist.devices import visible_gpus
+from nbdist._devices import visible_gpus
 
 GPUS = visible_gpus(os.environ)
 pytestmark = [
@@ -42,7 +42,7 @@ model = nbdist.torch.prepare(build())
 opt = torch.optim.SGD(model.parameters(), lr=0.05)
 for step in range({STEPS}):
     x, y = batch(step, world_size)
-    mine = slice(None) if nbdist.engine.current().strategy == "tensor" else slice(rank * 8, (rank + 1) * 8)
+    mine = slice(None) if nbdist.engine.current().strategy.name == "tensor" else slice(rank * 8, (rank + 1) * 8)
     loss = nn.functional.mse_loss(model(x[mine].to(device)), y[mine].to(device))
     opt.zero_grad(); loss.backward(); opt.step()
     nbdist.report(step=step, loss=loss.item(), samples=8)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
-from nbdist.magics import NbdistMagics
+from nbdist.kernel._magics import NbdistMagics
 
 pytestmark = pytest.mark.integration
 

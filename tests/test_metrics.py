@@ -13,10 +13,11 @@ from IPython.core.interactiveshell import InteractiveShell
 from PIL import Image
 
 import nbdist
-from nbdist.dashboard import Dashboard, _MeanLoss
-from nbdist.magics import NbdistMagics
-from nbdist.metrics import KEY_PREFIX, Reporter
-from nbdist.store import MetricStore
+from nbdist._wire import METRICS_KEY_PREFIX as KEY_PREFIX
+from nbdist.engine._metrics import Reporter
+from nbdist.kernel._dashboard import Dashboard, _MeanLoss
+from nbdist.kernel._magics import NbdistMagics
+from nbdist.kernel._store import MetricStore
 
 
 class FakeClock:
@@ -144,7 +145,7 @@ def test_mean_loss_is_over_ranks_per_step() -> None:
 def test_final_png_is_the_picture_drawn_from_scratch() -> None:
     """The PNG left in the notebook must not keep the live frames' tick labels: a short cell is
     drawn live on 30 s axes, and its final picture fits the data tightly."""
-    from nbdist.figure import DashboardFigure, Frame, Line
+    from nbdist.kernel._figure import DashboardFigure, Frame, Line
 
     steps = list(range(20))
     seconds = [0.2 * s for s in steps]  # a 4 s cell: its live time axes open at 30 s
@@ -209,8 +210,8 @@ def test_a_reused_dashboard_draws_a_new_cell_without_a_new_figure() -> None:
 def test_model_memory_is_scanned_on_the_training_thread_between_steps() -> None:
     """The memory scan reads tensors that backward writes without the GIL: run on the sampler's
     thread it crashed engines with SIGSEGV. `report()` runs it, once per load sample."""
-    from nbdist import metrics
-    from nbdist.load import LoadSampler
+    from nbdist.engine import _metrics as metrics
+    from nbdist.engine._load import LoadSampler
 
     scans: list[str] = []
 

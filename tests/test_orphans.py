@@ -7,32 +7,14 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Callable
 
 import psutil
 import pytest
+from _procs import wait_gone
 from jupyter_client.manager import KernelManager, start_new_kernel
 
 pytestmark = pytest.mark.integration
-
-
-def _alive(pids: set[int]) -> list[int]:
-    alive = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
-
-
-def _wait_gone(pids: set[int], seconds: float = 20.0) -> list[int]:
-    deadline = time.monotonic() + seconds
-    while _alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return _alive(pids)
 
 
 def _kernel_with_pool() -> tuple[KernelManager, set[int]]:
@@ -63,7 +45,7 @@ def test_pool_ends_with_its_kernel(end: Callable[[KernelManager], None]) -> None
     km, pool = _kernel_with_pool()
     try:
         end(km)
-        left = _wait_gone(pool)
+        left = wait_gone(pool)
         assert [psutil.Process(p).cmdline() for p in left] == []
     finally:
         if km.is_alive():

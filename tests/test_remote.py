@@ -23,14 +23,15 @@ from pathlib import Path
 import ipyparallel as ipp
 import psutil
 import pytest
+from _procs import alive
 from IPython.core.interactiveshell import InteractiveShell
 from traitlets.config import Config
 
 import nbdist
-from nbdist.config import resolve_config
-from nbdist.errors import ConfigError, PoolStartError
-from nbdist.launch import engine_launcher_config, make_plan
-from nbdist.magics import NbdistMagics
+from nbdist import ConfigError, PoolStartError
+from nbdist.cluster import resolve_config
+from nbdist.cluster._launch import engine_launcher_config, make_plan
+from nbdist.kernel._magics import NbdistMagics
 
 BRIDGE, PREFIX, NET = "nbd-br", "nbd-h", "10.77.0"
 HOSTS = (f"{NET}.2", f"{NET}.3")
@@ -102,18 +103,6 @@ def _wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
                 raise
 
 
-def _alive(pids: list[int]) -> list[int]:
-    """Which of these engine processes still run (the namespaces share this machine's PIDs)."""
-    alive = []
-    for pid in pids:
-        try:
-            if "ipyparallel.engine" in " ".join(psutil.Process(pid).cmdline()):
-                alive.append(pid)
-        except psutil.Error:
-            pass
-    return alive
-
-
 @pytest.fixture
 def fresh_shell() -> Iterator[tuple[InteractiveShell, NbdistMagics]]:
     ip = InteractiveShell.instance()
@@ -179,7 +168,7 @@ def test_ddp_across_two_hosts_over_ssh(two_hosts: str, fresh_shell: tuple[Intera
     assert pool is not None
     cluster_id = pool._cluster.cluster_id  # type: ignore[union-attr]
     pids = [e.pid for e in pool.engines]
-    assert len(_alive(pids)) == 2
+    assert len(alive(pids, "ipyparallel.engine")) == 2
 
     status = ip.run_cell("%nbdist status").result
     assert list(status.host) == ["nbd-host1", "nbd-host2"]
@@ -219,9 +208,9 @@ def test_ddp_across_two_hosts_over_ssh(two_hosts: str, fresh_shell: tuple[Intera
 
     assert ip.run_cell("%nbdist stop").success
     deadline = time.monotonic() + 20
-    while _alive(pids) and time.monotonic() < deadline:
+    while alive(pids, "ipyparallel.engine") and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _alive(pids)
+    assert not alive(pids, "ipyparallel.engine")
 
 
 def test_tensorflow_workers_across_two_hosts(two_hosts: str) -> None:
@@ -258,8 +247,8 @@ def test_remote_engines_end_when_the_kernel_is_killed(two_hosts: str, tmp_path: 
     script = tmp_path / "kernel.py"
     script.write_text(textwrap.dedent(f"""
         import sys, time, nbdist
-        from nbdist.config import resolve_config
-        from nbdist.launch import make_plan
+        from nbdist.cluster import resolve_config
+        from nbdist.cluster import make_plan
         plan = make_plan(hosts="{HOSTS[0]}:1,{HOSTS[1]}:1", python={PYTHON!r}, ssh_args={two_hosts!r})
         pool = nbdist.Pool(config=resolve_config(start_timeout=60, launch=plan)).start()
         print(*[e.pid for e in pool.engines], flush=True)
@@ -269,13 +258,13 @@ def test_remote_engines_end_when_the_kernel_is_killed(two_hosts: str, tmp_path: 
     try:
         assert kernel.stdout is not None
         pids = [int(p) for p in kernel.stdout.readline().split()]
-        assert len(_alive(pids)) == 2
+        assert len(alive(pids, "ipyparallel.engine")) == 2
         kernel.kill()
         kernel.wait()
         deadline = time.monotonic() + 30
-        while _alive(pids) and time.monotonic() < deadline:
+        while alive(pids, "ipyparallel.engine") and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not _alive(pids), "remote engines outlived the kernel"
+        assert not alive(pids, "ipyparallel.engine"), "remote engines outlived the kernel"
     finally:
         kernel.kill()
 
@@ -300,7 +289,7 @@ def _script(launcher: str, **options: str) -> str:
 
     config = Config()
     name = engine_launcher_config(make_plan(launcher, **options), config,
-                                  ["/opt/py/bin/python", "-m", "nbdist.guard", "watch:10.1.2.3:4567",
+                                  ["/opt/py/bin/python", "-m", "nbdist.cluster._guard", "watch:10.1.2.3:4567",
                                    "ipyparallel.engine"], "/tmp/x")
     cls = find_launcher_class(name, "engine")
     profile = Path(os.environ.get("TMPDIR", "/tmp")) / f"nbdist-script-{os.getpid()}"
@@ -315,13 +304,13 @@ def test_slurm_job_script_carries_the_options() -> None:
     for line in ("#SBATCH --partition=gpu", "#SBATCH --account=proj42", "#SBATCH --time=01:30:00",
                  "#SBATCH --ntasks=4"):
         assert line in text, text
-    assert "nbdist.guard watch:10.1.2.3:4567 ipyparallel.engine" in text
+    assert "nbdist.cluster._guard watch:10.1.2.3:4567 ipyparallel.engine" in text
 
 
 def test_pbs_job_script_carries_the_queue() -> None:
     text = _script("pbs", partition="short")
     assert "#PBS -q short" in text and "#PBS -t 1-4" in text, text
-    assert "nbdist.guard watch:10.1.2.3:4567 ipyparallel.engine" in text
+    assert "nbdist.cluster._guard watch:10.1.2.3:4567 ipyparallel.engine" in text
 
 
 def test_mpi_command_line_places_engines_on_hosts() -> None:
@@ -344,7 +333,7 @@ def test_connect_joins_a_running_cluster_without_owning_it() -> None:
             result = pool.run("import torch, torch.distributed as dist\n"
                               "t = torch.tensor([1.0]); dist.all_reduce(t); t.item()")
             assert result.value == 2.0
-            with pytest.raises(nbdist.errors.PoolStateError, match="did not start"):
+            with pytest.raises(nbdist.PoolStateError, match="did not start"):
                 pool.restart()
         finally:
             pool.stop()
@@ -355,8 +344,8 @@ def test_connect_joins_a_running_cluster_without_owning_it() -> None:
 
 
 def test_ranks_are_placed_host_by_host() -> None:
-    from nbdist.engine import EngineFacts
-    from nbdist.placement import place
+    from nbdist._wire import EngineFacts
+    from nbdist.cluster._placement import place
 
     facts = [
         EngineFacts("b", 1, "10.0.0.3", "eth0", 8, ("0", "1"), 1),

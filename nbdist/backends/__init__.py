@@ -1,65 +1,34 @@
-"""Backends, named here and imported only on engines.
+"""Backends and their strategies, named here; a backend's framework is imported on engines only.
 
-The kernel validates `--backend` / `--strategy` against `BACKENDS` without importing a
-framework; an engine turns a name into a `Backend` with `load_backend`.
+The kernel checks `--backend` / `--strategy` and the strategy's options against this registry
+without importing a framework; an engine turns a name into a `Backend` with `load_backend`.
+A new strategy is one file in its backend's folder, listed in that backend's `SPEC`.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 
-from nbdist.backends.base import Backend, Formation, RankInfo
-from nbdist.errors import ConfigError
+from nbdist._errors import ConfigError
+from nbdist.backends import tensorflow, torch
+from nbdist.backends._base import Backend, BackendSpec, Strategy
 
-
-@dataclass(frozen=True)
-class BackendSpec:
-    target: str
-    """`module:Class`, imported on engines only."""
-    strategies: tuple[str, ...]
-    formed_per_strategy: bool = False
-    """True where the engines are joined differently for each strategy (TensorFlow's cluster
-    roles); PyTorch's one process group serves every strategy."""
-    needs_peers: bool = False
-
-    @property
-    def default_strategy(self) -> str:
-        return self.strategies[0]
-
-    def formation(self, strategy: str, ps: int = 0) -> Formation:
-        return Formation(strategy, ps) if self.formed_per_strategy else Formation(self.default_strategy)
+BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (torch.SPEC, tensorflow.SPEC)}
 
 
-BACKENDS: dict[str, BackendSpec] = {
-    "torch": BackendSpec("nbdist.backends.torch_backend:TorchBackend", ("ddp", "fsdp", "pipeline", "tensor")),
-    "tensorflow": BackendSpec(
-        "nbdist.backends.tensorflow_backend:TensorFlowBackend", ("multiworker", "ps", "mirrored"),
-        formed_per_strategy=True, needs_peers=True,
-    ),
-}
-
-
-def check_choice(backend: str, strategy: str | None) -> str:
-    """Return the strategy to use, or raise with the valid choices named."""
-    spec = BACKENDS.get(backend)
+def backend_spec(name: str) -> BackendSpec:
+    spec = BACKENDS.get(name)
     if spec is None:
-        raise ConfigError(f"--backend {backend!r} is not known: choose one of {', '.join(BACKENDS)}.")
-    if strategy is None:
-        return spec.default_strategy
-    if strategy not in spec.strategies:
-        raise ConfigError(
-            f"--strategy {strategy!r} is not available for {backend}: choose one of "
-            f"{', '.join(spec.strategies)}."
-        )
-    return strategy
+        raise ConfigError(f"--backend {name!r} is not known: choose one of {', '.join(BACKENDS)}.")
+    return spec
 
 
 def load_backend(name: str) -> Backend:
+    """The backend's engine-side object (this imports its framework: engines only)."""
     module_name, _, attr = BACKENDS[name].target.partition(":")
     cls = getattr(importlib.import_module(module_name), attr)
     backend: Backend = cls()
     return backend
 
 
-__all__ = ["BACKENDS", "Backend", "BackendSpec", "Formation", "RankInfo", "check_choice", "load_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendSpec", "Strategy", "backend_spec", "load_backend"]

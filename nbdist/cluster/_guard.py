@@ -3,7 +3,7 @@
 ipyparallel starts its processes in their own sessions, so a notebook kernel killed with
 SIGKILL would leave them running. The launchers still start them (through `controller_cmd`
 and `engine_cmd`); this module only puts a watcher in front of ipyparallel's own entry
-point: `python -m nbdist.guard OWNER_PID ipyparallel.engine [args...]`.
+point: `python -m nbdist.cluster._guard OWNER_PID ipyparallel.engine [args...]`.
 
 On another host the owner's PID means nothing, so a remote engine watches the controller
 instead (`watch:HOST:PORT`): the controller is guarded by the owner, and once its port
@@ -91,12 +91,12 @@ def main(argv: list[str]) -> None:
 def command(owner: int, module: str, preload: tuple[str, ...] = ()) -> list[str]:
     """The launch command for `module` guarded by `owner` (used as controller_cmd/engine_cmd)."""
     extra = [arg for name in preload for arg in ("--preload", name)]
-    return [sys.executable, "-m", "nbdist.guard", str(owner), module, *extra]
+    return [sys.executable, "-m", "nbdist.cluster._guard", str(owner), module, *extra]
 
 
 def remote_command(python: str, controller: str, port: int, module: str) -> list[str]:
     """The same, for a process on another host: it ends when the controller stops answering."""
-    return [python, "-m", "nbdist.guard", f"watch:{controller}:{port}", module]
+    return [python, "-m", "nbdist.cluster._guard", f"watch:{controller}:{port}", module]
 
 
 if __name__ == "__main__":

@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nbdist.config import resolve_config
-from nbdist.errors import ConfigError
-from nbdist.pool import Pool
+from nbdist._errors import ConfigError
+from nbdist.kernel._pool import Pool
 
 
 @dataclass
@@ -58,7 +57,7 @@ def scaling_report(source: str, engines: Sequence[int] = (1, 2), *, backend: str
         raise ConfigError("engines must be a non-empty list of engine counts, e.g. (1, 2).")
     rows, losses = [], {}
     for n in engines:
-        with Pool(config=resolve_config(n, "none")) as pool:
+        with Pool(n, gpus="none") as pool:
             if setup:
                 pool.run(setup, backend=backend)
             started = time.perf_counter()

@@ -21,8 +21,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from nbdist.figure import DashboardFigure, Frame, Line
-from nbdist.store import MetricStore
+from nbdist.kernel._figure import DashboardFigure, Frame, Line
+from nbdist.kernel._store import MetricStore
 
 LIVE_POINTS = 600  # a panel is ~250 px wide: more points per line only cost drawing time
 FINAL_POINTS = 2000  # the PNG left in the notebook is drawn once, and zoomed into

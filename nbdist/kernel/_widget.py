@@ -15,11 +15,9 @@ from typing import Any
 import ipywidgets as widgets
 import psutil
 
+from nbdist._errors import NbdistError
 from nbdist.backends import BACKENDS
-from nbdist.config import resolve_config
-from nbdist.errors import NbdistError
-from nbdist.launch import make_plan
-from nbdist.pool import Pool
+from nbdist.kernel._pool import Pool
 
 COLUMNS = ("rank", "host", "pid", "device", "state", "cpu %", "rss MB")
 
@@ -40,7 +38,7 @@ class PoolWidget(widgets.VBox):
         **kwargs: Any,
     ) -> None:
         if pool is None and on_pool is None:
-            from nbdist.magics import notebook_binding
+            from nbdist.kernel._session import notebook_binding
 
             pool, on_pool = notebook_binding()
         self.pool = pool
@@ -80,9 +78,9 @@ class PoolWidget(widgets.VBox):
         gpus = None if self.gpus.value.strip() in ("", "auto") else self.gpus.value.strip()
         hosts = self.hosts.value.strip() or None
         # With hosts, their counts decide the number of engines.
-        config = resolve_config(None if hosts else int(self.engines.value), gpus, launch=make_plan(hosts=hosts))
-        self._say(f"starting {config.n} engines...")
-        self.pool = Pool(config=config).start()
+        pool = Pool(None if hosts else int(self.engines.value), gpus=gpus, hosts=hosts)
+        self._say(f"starting {pool.config.n} engines...")
+        self.pool = pool.start()
         if self._on_pool is not None:
             self._on_pool(self.pool)
         self._say(self.pool.summary())

@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-KEY_PREFIX = "nbdist:"
+from nbdist._wire import METRICS_KEY_PREFIX
+
 FLUSH_SECONDS = 0.25
 
 
@@ -57,7 +58,7 @@ class Reporter:
                 return
             seq, self._seq = self._seq, self._seq + 1
             # Published under the lock so batches leave in sequence order.
-            self._publish({f"{KEY_PREFIX}{seq}": batch})
+            self._publish({f"{METRICS_KEY_PREFIX}{seq}": batch})
 
 
 class _Active:

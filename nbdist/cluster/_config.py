@@ -1,7 +1,8 @@
 """Pool options, resolved once into a frozen object that is passed down.
 
-This is the only module that reads the environment (GPU visibility, core count);
-everything below it receives a `PoolConfig`.
+`resolve_options` is the one entry point (used by `Pool`, and so by the magics, the control
+panel and `scaling_report`), and the kernel's one place that reads its environment (GPU
+visibility, core count). Engines read their own environment, on their own host.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from nbdist.devices import visible_gpus
-from nbdist.errors import ConfigError
-from nbdist.launch import LaunchPlan, engine_count
+from nbdist._devices import visible_gpus
+from nbdist._errors import ConfigError
+from nbdist.cluster._launch import LaunchPlan, engine_count, make_plan
+
+Gpus = str | tuple[str, ...] | None
+"""`all`, `none`, a tuple of GPU ids, or None for the default (every visible GPU)."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class PoolConfig:
         return bool(self.gpus)
 
 
-def parse_gpus(spec: str | None) -> str | tuple[str, ...] | None:
+def parse_gpus(spec: str | None) -> Gpus:
     """`all`, `none` or a comma list such as `0,1`."""
     if spec is None:
         return None
@@ -55,9 +59,37 @@ def parse_gpus(spec: str | None) -> str | tuple[str, ...] | None:
     return ids
 
 
+def resolve_options(
+    n: int | None = None,
+    gpus: Gpus = None,
+    *,
+    gpus_per_engine: int = 1,
+    start_timeout: float = 60.0,
+    grace: float = 2.0,
+    preload: str | None = None,
+    launcher: str | None = None,
+    hosts: str | None = None,
+    hosts_file: str | None = None,
+    python: str | None = None,
+    ssh_args: str | None = None,
+    interface: str | None = None,
+    partition: str | None = None,
+    account: str | None = None,
+    time: str | None = None,
+    mpi_args: str | None = None,
+    connect: str | None = None,
+) -> PoolConfig:
+    """Every option a user can give a pool, checked together: the words of `%nbdist start`."""
+    plan = make_plan(launcher, hosts=hosts, hosts_file=hosts_file, python=python, ssh_args=ssh_args,
+                     interface=interface, partition=partition, account=account, time=time, mpi_args=mpi_args,
+                     connect=connect)
+    return resolve_config(n, gpus, start_timeout=start_timeout, grace=grace, gpus_per_engine=gpus_per_engine,
+                          launch=plan, preload=preload)
+
+
 def resolve_config(
     n: int | None = None,
-    gpus: str | tuple[str, ...] | None = None,
+    gpus: Gpus = None,
     *,
     start_timeout: float = 60.0,
     grace: float = 2.0,
@@ -67,8 +99,7 @@ def resolve_config(
     environ: Mapping[str, str] | None = None,
     cpu_count: Callable[[], int | None] = os.cpu_count,
 ) -> PoolConfig:
-    """Decide engine count, GPU pinning and threads from the user's options and the machine."""
-    env = os.environ if environ is None else environ
+    """Decide engine count, GPU pinning and threads from the options and the machine."""
     if isinstance(gpus, str) and gpus not in ("all", "none"):
         gpus = parse_gpus(gpus)
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
@@ -77,57 +108,60 @@ def resolve_config(
         raise ConfigError(f"start timeout {start_timeout!r} must be positive.")
     if launch is not None and launch.remote:
         return _remote_config(n, gpus, launch, start_timeout, grace, gpus_per_engine)
-
-    visible = visible_gpus(env)
-    if gpus is None:
-        # Default: one engine per visible GPU when there are any, CPU engines otherwise.
-        chosen: tuple[str, ...] = visible
-    elif gpus == "none":
-        chosen = ()
-    elif gpus == "all":
-        if not visible:
-            raise ConfigError("--gpus all: no GPU is visible on this machine; leave --gpus out to use CPU engines.")
-        chosen = visible
-    else:
-        assert isinstance(gpus, tuple)
-        missing = [g for g in gpus if g not in visible]
-        if missing:
-            shown = ",".join(visible) or "none"
-            raise ConfigError(f"--gpus {','.join(gpus)}: GPU {','.join(missing)} is not visible (visible: {shown}).")
-        chosen = gpus
-
-    if gpus_per_engine < 1:
-        raise ConfigError(f"--gpus-per-engine {gpus_per_engine!r} must be at least 1.")
-    if gpus_per_engine > 1:
-        if not chosen or len(chosen) % gpus_per_engine:
-            raise ConfigError(
-                f"--gpus-per-engine {gpus_per_engine}: the {len(chosen)} GPUs chosen do not split into groups "
-                f"of {gpus_per_engine}; choose a multiple of {gpus_per_engine} GPUs with --gpus."
-            )
-        # One engine per group of GPUs: MirroredStrategy and single-process multi-GPU code.
-        chosen = tuple(",".join(chosen[i:i + gpus_per_engine]) for i in range(0, len(chosen), gpus_per_engine))
-    if chosen:
-        if n is not None and n != len(chosen):
-            if n > len(chosen):
-                raise ConfigError(
-                    f"-n {n} asks for more engines than the {len(chosen)} GPUs chosen; "
-                    "use --gpus none for CPU engines."
-                )
-            chosen = chosen[:n]
-        count = len(chosen)
-    else:
-        count = n if n is not None else 2
-
-    cores = cpu_count() or 1
+    chosen = _group_gpus(_choose_gpus(gpus, visible_gpus(os.environ if environ is None else environ)),
+                         gpus_per_engine)
+    chosen, count = _engine_count(n, chosen)
     return PoolConfig(
         n=count,
         gpus=chosen,
-        threads_per_engine=max(1, cores // count),
+        threads_per_engine=max(1, (cpu_count() or 1) // count),
         start_timeout=start_timeout,
         grace=grace,
         launch=launch or LaunchPlan(),
         preload=_preload(preload),
     )
+
+
+def _choose_gpus(gpus: Gpus, visible: tuple[str, ...]) -> tuple[str, ...]:
+    if gpus is None:
+        return visible  # one engine per visible GPU when there are any, CPU engines otherwise
+    if gpus == "none":
+        return ()
+    if gpus == "all":
+        if not visible:
+            raise ConfigError("--gpus all: no GPU is visible on this machine; leave --gpus out to use CPU engines.")
+        return visible
+    assert isinstance(gpus, tuple)
+    missing = [g for g in gpus if g not in visible]
+    if missing:
+        shown = ",".join(visible) or "none"
+        raise ConfigError(f"--gpus {','.join(gpus)}: GPU {','.join(missing)} is not visible (visible: {shown}).")
+    return gpus
+
+
+def _group_gpus(chosen: tuple[str, ...], per_engine: int) -> tuple[str, ...]:
+    """One engine per group of GPUs: MirroredStrategy and single-process multi-GPU code."""
+    if per_engine < 1:
+        raise ConfigError(f"--gpus-per-engine {per_engine!r} must be at least 1.")
+    if per_engine == 1:
+        return chosen
+    if not chosen or len(chosen) % per_engine:
+        raise ConfigError(
+            f"--gpus-per-engine {per_engine}: the {len(chosen)} GPUs chosen do not split into groups "
+            f"of {per_engine}; choose a multiple of {per_engine} GPUs with --gpus."
+        )
+    return tuple(",".join(chosen[i:i + per_engine]) for i in range(0, len(chosen), per_engine))
+
+
+def _engine_count(n: int | None, chosen: tuple[str, ...]) -> tuple[tuple[str, ...], int]:
+    if not chosen:
+        return (), n if n is not None else 2
+    if n is not None and n > len(chosen):
+        raise ConfigError(
+            f"-n {n} asks for more engines than the {len(chosen)} GPUs chosen; use --gpus none for CPU engines."
+        )
+    chosen = chosen[:n] if n is not None else chosen
+    return chosen, len(chosen)
 
 
 def _preload(preload: str | None) -> tuple[str, ...]:
@@ -141,7 +175,7 @@ def _preload(preload: str | None) -> tuple[str, ...]:
     return () if preload == "none" else ("torch",)
 
 
-def _remote_config(n: int | None, gpus: str | tuple[str, ...] | None, launch: LaunchPlan,
+def _remote_config(n: int | None, gpus: Gpus, launch: LaunchPlan,
                    start_timeout: float, grace: float, gpus_per_engine: int) -> PoolConfig:
     """Engines elsewhere: their GPUs and cores are theirs to report once they run."""
     if isinstance(gpus, tuple):

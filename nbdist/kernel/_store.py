@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from nbdist.metrics import KEY_PREFIX
+from nbdist._wire import METRICS_KEY_PREFIX
 
 TRAIN_FIELDS = ("t", "step", "loss", "samples", "comm_s")
 LOAD_FIELDS = ("t", "cpu", "rss_mb", "gpu_util", "gpu_mem_mb", "param_mb", "grad_mb", "optim_mb")
@@ -44,7 +44,7 @@ class MetricStore:
         """Take the batches from `data` (an engine's published data) not seen yet."""
         taken = 0
         seq = self._next[rank]
-        while (batch := data.get(f"{KEY_PREFIX}{seq}")) is not None:
+        while (batch := data.get(f"{METRICS_KEY_PREFIX}{seq}")) is not None:
             for record in batch:
                 self._add(rank, record)
                 taken += 1

@@ -17,9 +17,9 @@ from typing import Any
 import psutil
 from traitlets.config import Config
 
-from nbdist.errors import ConfigError
+from nbdist._errors import ConfigError
+from nbdist._net import LOOPBACK, route_address
 
-LOOPBACK = "127.0.0.1"
 LAUNCHERS = ("local", "ssh", "mpi", "slurm", "pbs")
 # Launcher name -> the ipyparallel engine launcher class and the prefix of its config section.
 _ENGINE_LAUNCHERS = {
@@ -187,15 +187,6 @@ def interface_address(name: str) -> str:
             return str(address.address)
     known = ", ".join(sorted(psutil.net_if_addrs()))
     raise ConfigError(f"--interface {name!r} is neither an IPv4 address nor an interface here (interfaces: {known}).")
-
-
-def route_address(target: str) -> str:
-    """The local address this machine uses to reach `target`: reachable from it, by construction.
-
-    A UDP socket's connect sends nothing; it only asks the kernel's routing table."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.connect((target, 9))
-        return str(sock.getsockname()[0])
 
 
 def controller_address(plan: LaunchPlan) -> str:

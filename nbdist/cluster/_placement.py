@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from nbdist.engine import EngineFacts
-from nbdist.errors import ConfigError
+from nbdist._errors import ConfigError
+from nbdist._wire import EngineFacts
 
 
 @dataclass(frozen=True)

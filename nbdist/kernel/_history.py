@@ -1,4 +1,5 @@
-"""The run history of a pool, kept in the notebook (filled by the metrics listener)."""
+"""The run history of a pool, kept in the kernel: every metric record of every cell (the cell
+runner adds each cell's records when it ends)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PyTorch backend: one `torch.distributed` process group for the engine's whole life."""
+"""The PyTorch backend on an engine: one `torch.distributed` process group for the engine's life."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nbdist.backends.base import Backend, Formation, RankInfo
+from nbdist._wire import Formation, RankInfo
+from nbdist.backends._base import Backend
+from nbdist.backends.torch._device import rank_device
 
 
 class TorchBackend(Backend):
@@ -19,24 +21,18 @@ class TorchBackend(Backend):
         torch.set_num_threads(info.threads)
         if dist.is_initialized():
             return
-        use_cuda = info.gpu is not None and torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(self._device(info))
+        device = rank_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
+            backend="nccl" if device.type == "cuda" else "gloo",
             init_method=f"tcp://{info.master_addr}:{info.master_port}",
             rank=info.rank,
             world_size=info.world_size,
         )
 
-    def _device(self, info: RankInfo) -> torch.device:
-        if info.gpu is not None and torch.cuda.is_available():
-            # The engine sees only its own GPU (CUDA_VISIBLE_DEVICES), so it is always index 0.
-            return torch.device("cuda", 0)
-        return torch.device("cpu")
-
     def namespace(self, info: RankInfo) -> dict[str, Any]:
-        return {"device": self._device(info)}
+        return {"device": rank_device()}
 
     def export(self, value: Any) -> Any:
         from nbdist.torch import unwrap
@@ -44,12 +40,12 @@ class TorchBackend(Backend):
         return unwrap(value)
 
     def export_is_collective(self, value: Any) -> bool:
-        from nbdist.torch_parallel import is_sharded
+        from nbdist.backends.torch.fsdp import is_sharded
 
         return isinstance(value, torch.nn.Module) and is_sharded(value)
 
     def memory(self, namespace: dict[str, Any]) -> dict[str, float]:
-        from nbdist.torch_parallel import memory
+        from nbdist.backends.torch._memory import memory
 
         return memory(namespace)
 

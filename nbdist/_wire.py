@@ -1,0 +1,150 @@
+"""What crosses the wire between the notebook kernel and the engines, in one place.
+
+Both sides import this module, so it imports neither a framework nor ipyparallel at load
+time. What travels: small frozen descriptions (who a rank is, how the group is formed, what an
+engine found on its host) and each rank's cell outcome. What never travels: a framework object
+whose pickling runs a collective or needs a module only the engines import; such a last value
+is sent as its rich display instead (`portable`).
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+LOOPBACK = "127.0.0.1"
+METRICS_KEY_PREFIX = "nbdist:"
+"""Each batch of reported metrics is published under its own numbered key: ipyparallel's
+`publish_data` keeps only the latest value per key."""
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Who this engine is in the job; decided by the kernel, handed to the engine."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+    gpu: str | None
+    threads: int
+    peers: tuple[str, ...] = ()
+    """`host:port` per rank, free on that rank's host: where frameworks that give every
+    process its own server (TensorFlow's gRPC) listen. Empty where one rendezvous suffices."""
+    interface: str | None = None
+    """The network interface that reaches the other hosts (None on one machine), for
+    libraries that would otherwise pick one from the host name (gloo, NCCL)."""
+
+    def torchrun_env(self) -> dict[str, str]:
+        """The variables torchrun sets, so scripts written for torchrun run unchanged."""
+        return {
+            "RANK": str(self.rank),
+            "LOCAL_RANK": str(self.local_rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_WORLD_SIZE": str(self.local_world_size),
+            "GROUP_RANK": str(self.node_rank),
+            "NODE_RANK": str(self.node_rank),
+            "ROLE_RANK": str(self.rank),
+            "ROLE_WORLD_SIZE": str(self.world_size),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+            "TORCHELASTIC_RUN_ID": "nbdist",
+            # Across hosts, the interface that reaches the others; gloo and NCCL would
+            # otherwise resolve the host name, which may well be a loopback address.
+            **({"GLOO_SOCKET_IFNAME": self.interface, "NCCL_SOCKET_IFNAME": self.interface}
+               if self.interface else {}),
+        }
+
+
+@dataclass(frozen=True)
+class Formation:
+    """How the engines are joined: a backend, and for backends joined per strategy, the
+    strategy and its options (e.g. the number of parameter servers). Fixed for the engines'
+    life; a different one needs fresh engines."""
+
+    backend: str
+    strategy: str = ""
+    options: tuple[tuple[str, int], ...] = ()
+
+    def option(self, name: str, default: int = 0) -> int:
+        return dict(self.options).get(name, default)
+
+    def describe(self) -> str:
+        return f"{self.backend} --strategy {self.strategy}" if self.strategy else self.backend
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    """What an engine reports about its machine before it is given a rank."""
+
+    host: str
+    pid: int
+    address: str = LOOPBACK
+    """This engine's address on the route to the controller: one the other hosts can reach."""
+    interface: str | None = None
+    cores: int = 1
+    gpus: tuple[str, ...] = ()
+    scheduler_local_rank: int | None = None
+
+
+@dataclass
+class CellOutcome:
+    """One rank's result of a cell. Failures are returned, not raised, so the kernel can
+    tell a rank that raised from a rank that is still blocked."""
+
+    rank: int
+    ok: bool
+    value: Any = None
+    display: dict[str, Any] | None = None
+    ename: str = ""
+    evalue: str = ""
+    traceback: str = ""
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class RemoteValue:
+    """A last-expression value that cannot leave the engine: shown by its rich display."""
+
+    data: dict[str, Any]
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        return self.data
+
+    def __repr__(self) -> str:
+        return str(self.data.get("text/plain", "<value on engine>"))
+
+
+@dataclass(frozen=True)
+class CollectiveExport:
+    """The answer "this value is sharded: ask every rank at once" to a one-rank export."""
+
+
+def portable(value: Any, shell: Any) -> tuple[Any, dict[str, Any] | None]:
+    """The value itself when it can travel to the kernel, otherwise its rich display."""
+    from ipyparallel import serialize
+
+    try:
+        # Loaded back here too: some values pickle but fail to load (sys.flags, say), and a
+        # reply the kernel cannot load is dropped by ipyparallel's client: the cell would hang.
+        serialize.deserialize_object(serialize.serialize_object(value))
+        pickle.dumps(type(value))
+    except Exception:
+        data, _ = shell.display_formatter.format(value)
+        return RemoteValue(data), data
+    return value, None
+
+
+def remote_traceback(exc: BaseException) -> str:
+    """The text of an error that came back from an engine (ipyparallel's RemoteError renders
+    the engine's traceback; anything else is shown as its type and message)."""
+    render = getattr(exc, "render_traceback", None)
+    if callable(render):
+        return "\n".join(render())
+    ename = getattr(exc, "ename", None) or type(exc).__name__
+    return f"{ename}: {exc}"

@@ -1,0 +1,15 @@
+"""Cluster management: which engines to start where, starting them through ipyparallel's own
+launchers, watching how they end, replacing and stopping them. Runs in the notebook kernel's
+process (and `_guard` in front of every process it starts); the only package that touches
+ipyparallel's processes and internals."""
+
+from __future__ import annotations
+
+from nbdist.cluster._adopt import EngineInfo
+from nbdist.cluster._cluster import EngineCluster
+from nbdist.cluster._config import PoolConfig, parse_gpus, resolve_config, resolve_options
+from nbdist.cluster._exits import EngineExit
+from nbdist.cluster._launch import LaunchPlan, make_plan
+
+__all__ = ["EngineCluster", "EngineExit", "EngineInfo", "LaunchPlan", "PoolConfig", "make_plan", "parse_gpus",
+           "resolve_config", "resolve_options"]

@@ -1,0 +1,136 @@
+"""`%nbdist` and `%%distributed`: parse options, call the `Pool`, display what comes back."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+
+from nbdist._errors import DistributedCellError, NbdistError
+from nbdist._say import say
+from nbdist.kernel._dashboard import Dashboard
+from nbdist.kernel._parsers import distributed_parser, nbdist_parser, parse
+from nbdist.kernel._pool import Pool
+
+
+@magics_class
+class NbdistMagics(Magics):
+    """The magics hold the notebook's pool; all the work is the pool's."""
+
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self.pool: Pool | None = None
+        self.dashboard = Dashboard()  # one for every cell: each new figure cost its engines ~0.1 s
+
+    @property
+    def _ns(self) -> dict[str, Any]:
+        assert self.shell is not None
+        ns: dict[str, Any] = self.shell.user_ns
+        return ns
+
+    def _require_pool(self) -> Pool:
+        if self.pool is None or not self.pool.is_running:
+            raise UsageError("no pool is running: start one with `%nbdist start -n 2`.")
+        return self.pool
+
+    @line_magic("nbdist")  # type: ignore[arg-type]
+    def nbdist(self, line: str) -> Any:
+        """Manage the engine pool: `%nbdist start|status|stop|restart|push|pull` (see -h)."""
+        args = parse(nbdist_parser(), line)
+        if args is None:
+            return None
+        if args.command is None:
+            from nbdist.kernel._widget import PoolWidget
+
+            return PoolWidget(self.pool, on_pool=self._adopt)
+        try:
+            return getattr(self, f"_{args.command}")(args)
+        except NbdistError as exc:
+            raise UsageError(str(exc)) from None
+
+    def _adopt(self, pool: Pool | None) -> None:
+        self.pool = pool
+
+    def _start(self, args: argparse.Namespace) -> None:
+        if self.pool is not None and self.pool.is_running:
+            raise UsageError(
+                "a pool is already running: use `%nbdist restart` for fresh engines, or "
+                "`%nbdist stop` first."
+            )
+        self.pool = Pool(
+            args.n, gpus=args.gpus, gpus_per_engine=args.gpus_per_engine, start_timeout=args.timeout,
+            preload=args.preload, launcher=args.launcher, hosts=args.hosts, hosts_file=args.hosts_file,
+            python=args.python, ssh_args=args.ssh_args, interface=args.interface, partition=args.partition,
+            account=args.account, time=args.time, mpi_args=args.mpi_args, connect=args.connect,
+        ).start()
+        say(self.pool.summary())
+
+    def _status(self, args: argparse.Namespace | None = None) -> Any:
+        import pandas as pd
+
+        pool = self._require_pool()
+        rows = pool.status()
+        memory = pool.memory() if pool.backend is not None else [{} for _ in rows]
+        # Fixed column order: serialisation from the engines does not keep dict order.
+        mem_cols = [c for c in ("param_mb", "grad_mb", "optim_mb") if any(c in m for m in memory)]
+        return pd.DataFrame(
+            [{"rank": r.rank, "engine": r.engine_id, "host": r.host, "pid": r.pid,
+              "device": r.device, "state": r.state, **{k: round(m[k], 3) if k in m else None for k in mem_cols}}
+             for r, m in zip(rows, memory, strict=True)]
+        ).set_index("rank")
+
+    def _stop(self, args: argparse.Namespace) -> None:
+        self._require_pool().stop()
+        say("pool stopped.")
+
+    def _restart(self, args: argparse.Namespace) -> None:
+        pool = self._require_pool()
+        pool.restart()
+        say(f"{len(pool.engines)} fresh engines ready (engine state was cleared).")
+
+    def _push(self, args: argparse.Namespace) -> None:
+        pool = self._require_pool()
+        missing = [name for name in args.names if name not in self._ns]
+        if missing:
+            raise UsageError(f"%nbdist push: {', '.join(missing)} not defined in the notebook.")
+        pool.push({name: self._ns[name] for name in args.names})
+
+    def _pull(self, args: argparse.Namespace) -> Any:
+        pool = self._require_pool()
+        try:
+            value = pool.pull(args.name, rank=args.rank)
+        except NbdistError:
+            raise  # a bad --rank: reported by nbdist()'s handler
+        except Exception as exc:  # a RemoteError: the name is missing on that engine
+            raise UsageError(
+                f"%nbdist pull: could not get {args.name!r} from rank {args.rank}: "
+                f"{getattr(exc, 'evalue', exc)}"
+            ) from None
+        self._ns[args.name] = value
+        return value
+
+    @cell_magic("distributed")  # type: ignore[arg-type]
+    def distributed(self, line: str, cell: str) -> Any:
+        """Run the cell on every engine, with the process group formed."""
+        args = parse(distributed_parser(), line)
+        if args is None:
+            return None
+        pool = self._require_pool()
+        try:
+            result = pool.run(
+                cell, backend=args.backend, strategy=args.strategy, ps=args.ps, restart=args.restart,
+                output=args.output, timeout=args.timeout, line_offset=1,
+                observers=[] if args.no_dashboard else [self.dashboard],
+            )
+        except DistributedCellError:
+            raise
+        except NbdistError as exc:
+            raise UsageError(str(exc)) from None
+        return result.value
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.stop()
+            self.pool = None

@@ -1,0 +1,128 @@
+"""The options of `%nbdist` and `%%distributed`: argparse, reporting mistakes as one-line
+UsageErrors instead of exiting the kernel."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from typing import Any, NoReturn
+
+from IPython.core.error import UsageError
+
+from nbdist._errors import NbdistError
+from nbdist.backends import BACKENDS
+from nbdist.cluster import parse_gpus
+
+
+class _HelpShown(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports mistakes as one-line UsageErrors instead of exiting the kernel."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message.rstrip('.')}. See `{self.prog} -h`.")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            raise UsageError(f"{self.prog}: {message.strip()}")
+        raise _HelpShown()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def _gpus(text: str) -> Any:
+    try:
+        return parse_gpus(text)
+    except NbdistError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def nbdist_parser() -> _Parser:
+    parser = _Parser(prog="%nbdist", add_help=True, description="Manage the nbdist engine pool.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+    start = sub.add_parser("start", help="start a pool of engines")
+    start.add_argument("-n", type=_positive_int, default=None, help="number of engines")
+    start.add_argument("--gpus", type=_gpus, default=None, help="all | none | 0,1")
+    start.add_argument("--gpus-per-engine", type=_positive_int, default=1,
+                       help="GPUs each engine owns (e.g. 2 for TensorFlow's MirroredStrategy)")
+    start.add_argument("--timeout", type=_positive_float, default=60.0, help="start timeout (s)")
+    start.add_argument("--preload", choices=["torch", "none"], default=None,
+                       help="framework the engines import while starting (default torch; none for TF-only pools)")
+    remote = start.add_argument_group("engines on other hosts (ipyparallel's launchers)")
+    remote.add_argument("--hosts", default=None, help="h1:2,h2:2 - engines per host, started over SSH")
+    remote.add_argument("--hosts-file", default=None, help="a file of `host[:N]` or `host slots=N` lines")
+    remote.add_argument("--launcher", default=None, help="local | ssh | mpi | slurm | pbs")
+    remote.add_argument("--python", default=None, help="the Python on the remote hosts")
+    remote.add_argument("--ssh-args", default=None, help='extra ssh options, e.g. "-i ~/.ssh/key -p 2222"')
+    remote.add_argument("--interface", default=None,
+                        help="address or interface the controller listens on for remote engines")
+    remote.add_argument("--partition", default=None, help="Slurm partition / PBS queue")
+    remote.add_argument("--account", default=None, help="Slurm account")
+    remote.add_argument("--time", default=None, help="Slurm time limit, e.g. 01:00:00")
+    remote.add_argument("--mpi-args", default=None, help='extra mpiexec arguments, e.g. "--oversubscribe"')
+    remote.add_argument("--connect", default=None, metavar="PROFILE_OR_FILE",
+                        help="join a running ipyparallel cluster (profile name or ipcontroller-client.json)")
+    sub.add_parser("status", help="show every engine")
+    sub.add_parser("stop", help="stop the pool")
+    sub.add_parser("restart", help="fresh engines (engine state is lost)")
+    push = sub.add_parser("push", help="copy notebook variables to every engine")
+    push.add_argument("names", nargs="+")
+    pull = sub.add_parser("pull", help="copy an engine variable into the notebook")
+    pull.add_argument("name")
+    pull.add_argument("--rank", type=_non_negative_int, default=0)
+    return parser
+
+
+def distributed_parser() -> _Parser:
+    parser = _Parser(prog="%%distributed", description="Run the cell on every engine.")
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="torch")
+    parser.add_argument("--strategy", default=None)
+    parser.add_argument("--output", choices=["rank0", "all"], default="rank0")
+    parser.add_argument("--timeout", type=_positive_float, default=None)
+    parser.add_argument("--no-dashboard", action="store_true", help="no live dashboard")
+    parser.add_argument("--ps", type=_positive_int, default=1,
+                        help="parameter servers for --backend tensorflow --strategy ps (default 1)")
+    parser.add_argument("--restart", action="store_true",
+                        help="give the pool fresh engines first if they serve another backend or strategy")
+    return parser
+
+
+def parse(parser: _Parser, line: str) -> argparse.Namespace | None:
+    try:
+        words = shlex.split(line, comments=True)  # a trailing `# note` is a comment, as in Python
+    except ValueError as exc:
+        raise UsageError(f"{parser.prog}: cannot read the options ({exc}).") from None
+    try:
+        return parser.parse_args(words)
+    except _HelpShown:
+        return None

@@ -1,0 +1,230 @@
+"""`Pool`: a persistent set of engines that form one distributed job.
+
+This is the product; `%nbdist`, `%%distributed` and the widgets are thin views on it. The
+engines' processes are the cluster's (`EngineCluster`); the pool adds the process group,
+running cells, moving values, and the run history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from nbdist._errors import ConfigError, PoolStateError
+from nbdist._say import say
+from nbdist._wire import CollectiveExport, Formation
+from nbdist.backends import backend_spec
+from nbdist.cluster import EngineCluster, EngineExit, EngineInfo, PoolConfig, resolve_options
+from nbdist.engine import _calls as engine_calls
+from nbdist.kernel._contain import gather_or_fail
+from nbdist.kernel._group import form_group, refuse_switch
+from nbdist.kernel._history import History
+from nbdist.kernel._runner import CellObserver, CellResult, CellRunner, heal
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    rank: int
+    engine_id: int
+    host: str
+    pid: int
+    device: str
+    state: str
+    """`idle`, `busy` or `dead (...)`."""
+
+
+class Pool:
+    """A pool of engines that keeps its processes, and their process group, between cells.
+
+    Every option of `%nbdist start` is a keyword here (`hosts="h1:2,h2:2"`, `launcher="slurm"`,
+    `gpus_per_engine=2`, ...), resolved once into `config`.
+
+    >>> with Pool(n=2) as pool:
+    ...     pool.run("import torch.distributed as dist; dist.get_world_size()").value
+    2
+    """
+
+    def __init__(self, n: int | None = None, *, config: PoolConfig | None = None, **options: Any) -> None:
+        self.config = config or resolve_options(n, **options)
+        self.history = History()
+        self._cluster: EngineCluster | None = None
+        self._cells = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def is_running(self) -> bool:
+        return self._cluster is not None
+
+    def start(self) -> Pool:
+        """Start the controller and engines, and wait until every engine has registered."""
+        if self._cluster is not None:
+            raise PoolStateError("the pool is already running: use restart() or stop() first.")
+        cluster = EngineCluster(self.config)
+        cluster.start()
+        self._cluster = cluster
+        return self
+
+    def stop(self) -> None:
+        """Stop every engine and the controller; safe to call twice."""
+        cluster, self._cluster = self._cluster, None
+        if cluster is not None:
+            cluster.stop()
+
+    def restart(self) -> None:
+        """Fresh engines (all engine state is lost); the process group is re-formed on next use."""
+        self.recover()
+
+    def recover(self) -> float:
+        """Kill every engine, start new ones and adopt them. Returns the seconds it took."""
+        return self._running().recover()
+
+    def __enter__(self) -> Pool:
+        if not self.is_running:
+            self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- inspection ------------------------------------------------------------------------
+
+    def _running(self) -> EngineCluster:
+        if self._cluster is None:
+            raise PoolStateError("no pool is running: start one with `%nbdist start` or Pool.start().")
+        return self._cluster
+
+    @property
+    def engines(self) -> tuple[EngineInfo, ...]:
+        return self._cluster.engines if self._cluster is not None else ()
+
+    @property
+    def views(self) -> tuple[Any, ...]:
+        """One ipyparallel DirectView per rank, in rank order."""
+        return self._running().views
+
+    @property
+    def backend(self) -> str | None:
+        formation = self._cluster.formation if self._cluster is not None else None
+        return formation.backend if formation is not None else None
+
+    def exits(self) -> list[EngineExit]:
+        """Engines that have ended, or that the controller no longer has, with how they ended."""
+        return self._running().exits()
+
+    def status(self) -> list[EngineStatus]:
+        cluster = self._running()
+        dead = {x.rank: x for x in cluster.exits()}
+        busy = cluster.busy([e.rank for e in cluster.engines if e.rank not in dead])
+        rows = []
+        for e in cluster.engines:
+            if e.rank in dead:
+                state = f"dead (exit {dead[e.rank].exit_code})"
+            else:
+                state = "busy" if busy.get(e.rank) else "idle"
+            rows.append(EngineStatus(e.rank, e.engine_id, e.host, e.pid, e.device, state))
+        return rows
+
+    # -- data in and out -------------------------------------------------------------------
+
+    def push(self, namespace: Mapping[str, Any]) -> None:
+        """Copy notebook values to every engine."""
+        self._running().push(namespace)
+
+    def pull(self, name: str, rank: int = 0) -> Any:
+        """A value from one rank (parallel wrappers removed, tensors on the CPU)."""
+        cluster = self._running()
+        views = cluster.views
+        if not isinstance(rank, int) or not 0 <= rank < len(views):
+            raise ConfigError(f"--rank {rank!r} is out of range: ranks are 0..{len(views) - 1}.")
+        value = views[rank].apply_sync(engine_calls.export, name)
+        if isinstance(value, CollectiveExport):  # sharded: every rank gathers it together
+            pending = [view.apply_async(engine_calls.export, name, True, r == rank) for r, view in enumerate(views)]
+            value = gather_or_fail(cluster, pending, what=f"gathering {name}",
+                                   timeout=self.config.start_timeout)[rank]
+        return value
+
+    def memory(self, timeout: float = 5.0) -> list[dict[str, float]]:
+        """Per rank: parameter, gradient and optimizer-state MB held (what sharding divides);
+        empty for a rank that is dead or does not answer within `timeout`."""
+        cluster = self._running()
+        dead = {x.rank for x in cluster.exits()}
+        pending = {r: v.apply_async(engine_calls.memory) for r, v in enumerate(cluster.views) if r not in dead}
+        rows: list[dict[str, float]] = []
+        for rank in range(len(cluster.views)):
+            try:
+                rows.append(pending[rank].get(timeout=timeout) if rank in pending else {})
+            except Exception:  # noqa: BLE001 - a busy or failing engine: no figure rather than a hang
+                rows.append({})
+        return rows
+
+    # -- running code ----------------------------------------------------------------------
+
+    def ensure_backend(self, backend: str, formation: Formation | None = None) -> None:
+        """Form the backend's process group on first use; it then lives as long as the engines."""
+        cluster = self._running()
+        spec = backend_spec(backend)
+        formation = formation or spec.formation(spec.default)
+        if cluster.formation == formation:
+            return
+        if cluster.formation is not None:
+            raise refuse_switch(cluster.formation, formation)
+        form_group(cluster, formation)
+
+    def next_cell_id(self) -> str:
+        self._cells += 1
+        return str(self._cells)
+
+    def run(
+        self,
+        source: str,
+        *,
+        backend: str = "torch",
+        strategy: str | None = None,
+        ps: int = 1,
+        restart: bool = False,
+        output: str = "rank0",
+        timeout: float | None = None,
+        observers: Iterable[CellObserver] = (),
+        line_offset: int = 0,
+    ) -> CellResult:
+        """Run `source` on every rank and return rank 0's last-expression value and outputs.
+
+        `ps` is the number of parameter servers for TensorFlow's `ps` strategy. `restart`
+        gives the pool fresh engines first when they are joined for another backend or
+        strategy (engine state is lost, so it is never done without being asked)."""
+        cluster = self._running()
+        spec = backend_spec(backend)
+        chosen = spec.strategy(strategy)
+        formation = spec.formation(chosen, {"ps": ps})
+        was = cluster.formation
+        if restart and was is not None and was != formation:
+            self.restart()
+            say(f"engines restarted to switch from {was.describe()} to {backend} --strategy {chosen.name} "
+                "(engine state was cleared).", unasked=True)
+        heal(cluster)
+        self.ensure_backend(backend, formation)
+        runner = CellRunner(cluster, output=output, observers=list(observers), history=self.history)
+        return runner.run(source, cell_id=self.next_cell_id(), backend=backend, strategy=chosen.name,
+                          timeout=timeout, line_offset=line_offset)
+
+    def summary(self) -> str:
+        """One line for the user: how many engines, where, on which devices."""
+        engines = self.engines
+        gpus = [e.gpu for e in engines if e.gpu is not None]
+        kind = f"GPUs {' | '.join(gpus)}" if gpus else "CPU"
+        threads = sorted({e.threads for e in engines})
+        where = ""
+        hosts = list(dict.fromkeys(e.host for e in engines))
+        if len(hosts) > 1:
+            counts = ", ".join(f"{h}: {sum(e.host == h for e in engines)}" for h in hosts)
+            where = f" on {len(hosts)} hosts ({counts})"
+        return f"{len(engines)} engines ready{where} ({kind}, {'/'.join(map(str, threads))} threads each)."
+
+    def __repr__(self) -> str:
+        state = f"{len(self.engines)} engines, backend {self.backend}" if self.is_running else "stopped"
+        return f"<nbdist.Pool {state}>"
