@@ -17,6 +17,7 @@ from nbdist._errors import (
     NbdistError,
     PoolStartError,
     PoolStateError,
+    PoolValueError,
 )
 from nbdist.cluster import PoolConfig
 from nbdist.engine import _metrics
@@ -34,6 +35,7 @@ __all__ = [
     "PoolConfig",
     "PoolStartError",
     "PoolStateError",
+    "PoolValueError",
     "PoolWidget",
     "ScalingReport",
     "history",

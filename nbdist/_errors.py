@@ -15,6 +15,10 @@ class PoolStateError(NbdistError, RuntimeError):
     """The pool is in the wrong state for the request (not started, started twice, ...)."""
 
 
+class PoolValueError(NbdistError, ValueError):
+    """A value that cannot travel between the engines and the notebook (the message says why)."""
+
+
 class PoolStartError(NbdistError, RuntimeError):
     """Engines did not come up; nothing is left running when this is raised."""
 

@@ -6,7 +6,17 @@ import socket
 
 from nbdist._wire import LOOPBACK
 
-__all__ = ["LOOPBACK", "free_port", "route_address"]
+__all__ = ["LOOPBACK", "free_port", "loopback_interface", "route_address"]
+
+
+def loopback_interface() -> str:
+    """The name of the interface that holds 127.0.0.1 (`lo` on Linux)."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == LOOPBACK for a in addresses):
+            return name
+    return "lo"
 
 
 def route_address(target: str) -> str:

@@ -38,6 +38,9 @@ class RankInfo:
     interface: str | None = None
     """The network interface that reaches the other hosts (None on one machine), for
     libraries that would otherwise pick one from the host name (gloo, NCCL)."""
+    store: str | None = None
+    """On one machine, the file the ranks meet through (a private folder; nothing listens).
+    None across hosts, where rank 0 listens on `master_addr:master_port`."""
 
     def torchrun_env(self) -> dict[str, str]:
         """The variables torchrun sets, so scripts written for torchrun run unchanged."""
@@ -125,19 +128,97 @@ class CollectiveExport:
     """The answer "this value is sharded: ask every rank at once" to a one-rank export."""
 
 
-def portable(value: Any, shell: Any) -> tuple[Any, dict[str, Any] | None]:
-    """The value itself when it can travel to the kernel, otherwise its rich display."""
-    from ipyparallel import serialize
+@dataclass(frozen=True)
+class Packed:
+    """A value pickled on the engine, to be loaded in the kernel only where it can be.
+
+    ipyparallel's client loads replies inside its message callback: a class the notebook cannot
+    import (defined in a module only the engines have) raised there, the reply was dropped, and
+    the cell or the pull waited forever. Bytes always arrive; `unpack` then says what is wrong."""
+
+    data: bytes
+    type_name: str
+    text: str
+    """The value's repr, shown when it cannot be loaded here."""
+
+    @property
+    def module(self) -> str:
+        return self.type_name.rpartition(".")[0]
+
+
+@dataclass(frozen=True)
+class Unpicklable:
+    """A value that cannot leave its engine at all (it does not pickle there)."""
+
+    type_name: str
+    text: str
+    reason: str
+
+
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _short_repr(value: Any) -> str:
+    import reprlib
+
+    shorter = reprlib.Repr()
+    shorter.maxstring = shorter.maxother = 2000
+    try:
+        return shorter.repr(value)
+    except Exception as exc:  # noqa: BLE001 - a broken __repr__ must not lose the outcome
+        return f"<{_type_name(value)} (repr failed: {exc})>"
+
+
+def pack(value: Any) -> Packed | Unpicklable:
+    """Pickle `value` on the engine (cloudpickle: classes defined in cells travel by value)."""
+    import cloudpickle
 
     try:
-        # Loaded back here too: some values pickle but fail to load (sys.flags, say), and a
-        # reply the kernel cannot load is dropped by ipyparallel's client: the cell would hang.
-        serialize.deserialize_object(serialize.serialize_object(value))
-        pickle.dumps(type(value))
-    except Exception:
-        data, _ = shell.display_formatter.format(value)
-        return RemoteValue(data), data
-    return value, None
+        data = cloudpickle.dumps(value)
+    except Exception as exc:  # noqa: BLE001 - e.g. a lock, a socket, a generator
+        return Unpicklable(_type_name(value), _short_repr(value), f"{type(exc).__name__}: {exc}")
+    return Packed(data, _type_name(value), _short_repr(value))
+
+
+class CannotLoad(Exception):
+    """A value from an engine that the kernel cannot load; the message names the fix."""
+
+
+def unpack(packed: Any, what: str) -> Any:
+    """The value in the kernel, or CannotLoad naming its type and what to do."""
+    if isinstance(packed, Unpicklable):
+        raise CannotLoad(f"{what} is a {packed.type_name}, which cannot leave its engine ({packed.reason}): "
+                         f"pull a plain value computed from it instead. On the engine it is {packed.text}")
+    if not isinstance(packed, Packed):
+        return packed
+    try:
+        return pickle.loads(packed.data)
+    except Exception as exc:  # noqa: BLE001 - any failure to load is the same problem for the user
+        fix = (f"import {packed.module} in the notebook first (it must be importable here too), or pull a "
+               "plain value (a number, list, array or tensor)") if packed.module not in ("", "builtins") else \
+            "pull a plain value (a number, list, array or tensor)"
+        raise CannotLoad(f"{what} is a {packed.type_name}, which the notebook cannot load "
+                         f"({type(exc).__name__}: {exc}): {fix}. On the engine it is {packed.text}") from None
+
+
+def portable(value: Any, shell: Any) -> tuple[Any, dict[str, Any] | None]:
+    """A last value as it travels: packed, with its rich display where it cannot be."""
+    packed = pack(value)
+    if isinstance(packed, Packed):
+        return packed, None
+    data, _ = shell.display_formatter.format(value)
+    return RemoteValue(data), data
+
+
+def shown(value: Any, what: str) -> Any:
+    """A last value in the kernel: itself, or its repr when the notebook cannot load it."""
+    try:
+        return unpack(value, what)
+    except CannotLoad:
+        assert isinstance(value, Packed)
+        return RemoteValue({"text/plain": value.text})
 
 
 def remote_traceback(exc: BaseException) -> str:

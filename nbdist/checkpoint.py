@@ -63,6 +63,10 @@ def save(path: str | os.PathLike[str], *, model: Any = None, optimizer: Any = No
         state = {"format": FORMAT, "step": step, "model": model_state, "optimizer": optimizer_state,
                  "sharded": model is not None and _sharded(model), "extra": extra}
         target.parent.mkdir(parents=True, exist_ok=True)
+        # A save killed mid-write (its engine died) left its temporary file: rank 0 is the only
+        # writer of this checkpoint, so any such file now is stale.
+        for stale in target.parent.glob(f".{target.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as handle:

@@ -102,3 +102,7 @@ def test_killed_writer_leaves_previous_checkpoint_intact(pool: nbdist.Pool, tmp_
     assert time.monotonic() - started < 30
     pool.run(SETUP)
     assert pool.run(f"nbdist.checkpoint.restore({str(path)!r}, model=model, optimizer=opt)").value == 7
+    # The torn write left its temporary file; the next save removes it.
+    assert [p.name for p in tmp_path.glob(".ckpt.pt.*.tmp")] != []
+    pool.run(f"nbdist.checkpoint.save({str(path)!r}, model=model, optimizer=opt, step=9)")
+    assert list(tmp_path.glob(".ckpt.pt.*.tmp")) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]

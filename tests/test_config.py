@@ -129,3 +129,14 @@ def test_an_engine_owning_two_gpus_sees_exactly_them() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[:2] == ["2,3 4", "''"]
+
+
+def test_a_pool_the_machine_cannot_hold_is_refused_before_anything_starts() -> None:
+    plenty = {"environ": NO_GPU, "cpu_count": lambda: 2}
+    with pytest.raises(ConfigError, match=r"-n 10000: 10000 engines need about 3222.7 GB \(330 MB each with "
+                       r"torch preloaded\), but this machine has 23.4 GB available: start at most 72, or "
+                       r"--preload none \(~110 MB each\)"):
+        resolve_config(10000, preload="torch", available_mb=lambda: 24000.0, **plenty)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="-n 17 is 8 engines per core on this 2-core machine.*at most 16"):
+        resolve_config(17, preload="none", available_mb=lambda: 10**6, **plenty)  # type: ignore[arg-type]
+    assert resolve_config(16, preload="none", available_mb=lambda: 10**6, **plenty).n == 16  # type: ignore[arg-type]

@@ -67,6 +67,7 @@ def test_traceback_points_at_the_cell_line(shell: InteractiveShell, magics: Nbdi
     [
         ("%nbdist start -n 2", "already running"),
         ("%nbdist start -n zero", "not a whole number"),
+        ("%nbdist start --gpus 0,a", "a list like '0,1'. See `%nbdist start -h`."),
         ("%nbdist launch", "invalid choice"),
         ("%nbdist pull nothing_here", "nothing_here"),
         ("%nbdist pull x --rank 5", "out of range"),
@@ -86,7 +87,22 @@ def test_bad_options_get_one_line_messages(shell: InteractiveShell, magics: Nbdi
     assert not result.success
     text = "".join(capsys.readouterr())
     assert "UsageError" in text and fragment in text
-    assert "Traceback" not in text
+    assert "Traceback" not in text and ".. See" not in text
+
+
+def test_a_pool_far_beyond_the_machine_is_refused_at_once(shell: InteractiveShell,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+
+    magics = shell.magics_manager.registry["NbdistMagics"]
+    magics.pool = None
+    capsys.readouterr()
+    started = time.monotonic()
+    assert not run(shell, "%nbdist start -n 10000").success
+    assert time.monotonic() - started < 5
+    text = "".join(capsys.readouterr())
+    assert "UsageError: -n 10000: 10000 engines need about" in text and "start at most" in text
+    assert magics.pool is None
 
 
 def test_no_pool_messages(shell: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from _procs import listeners, not_loopback, pool_processes
 
 import nbdist
 
@@ -191,3 +192,13 @@ def test_mirrored_strategy_replicates_over_one_engines_devices(tf_pool: nbdist.P
     assert tf_pool.run(cell, backend="tensorflow", strategy="mirrored", restart=True).value == (True, 2, 0)
     for a, b in zip(tf_pool.pull("weights", rank=0), reference(FIT), strict=True):
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5)
+
+
+def test_only_tensorflows_own_grpc_servers_listen_beyond_loopback(tf_pool: nbdist.Pool) -> None:
+    """TensorFlow binds its gRPC servers to 0.0.0.0 whatever address TF_CONFIG gives (hardcoded
+    in grpc_server_lib.cc): the known exposure the README states. Nothing else may listen there."""
+    workers = tf_pool.run("import json, os\njson.loads(os.environ['TF_CONFIG'])['cluster']['worker']",
+                          backend="tensorflow", strategy="multiworker", restart=True).value
+    assert all(address.startswith("127.0.0.1:") for address in workers)
+    exposed = not_loopback(listeners(pool_processes(tf_pool)))
+    assert {port for _, _, port in exposed} == {int(a.rpartition(":")[2]) for a in workers}

@@ -28,11 +28,12 @@ class EngineInfo:
     threads: int = 1
 
 
-def adopt(client: Any, new_ids: list[int], config: PoolConfig, controller_ip: str) -> tuple[EngineInfo, ...]:
+def adopt(client: Any, new_ids: list[int], config: PoolConfig, controller_ip: str,
+          timeout: float) -> tuple[EngineInfo, ...]:
     """The engines `new_ids`, placed and pinned, in rank order."""
     client[new_ids].use_cloudpickle()
     asks = [client[eid].apply_async(engine_calls.probe, controller_ip) for eid in new_ids]
-    facts = [ar.get(timeout=config.start_timeout) for ar in asks]
+    facts = [ar.get(timeout=timeout) for ar in asks]
     local = not config.launch.remote
     placements = place(
         facts,
@@ -43,7 +44,7 @@ def adopt(client: Any, new_ids: list[int], config: PoolConfig, controller_ip: st
     pins = [client[new_ids[p.index]].apply_async(engine_calls.pin, p.gpu, p.threads, p.local_rank, p.slots)
             for p in placements]
     for ar in pins:
-        ar.get(timeout=config.start_timeout)
+        ar.get(timeout=timeout)
     return tuple(
         EngineInfo(
             rank=p.rank,

@@ -7,10 +7,11 @@ sees ranks, views, exits and a `recover()`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -23,14 +24,23 @@ from traitlets.config import Config
 
 from nbdist._errors import PoolStartError, PoolStateError
 from nbdist._net import LOOPBACK
+from nbdist._patience import patience, waited
 from nbdist._say import say
 from nbdist._wire import Formation
 from nbdist.cluster import _guard as guard
 from nbdist.cluster._adopt import EngineInfo, adopt
 from nbdist.cluster._config import PoolConfig
 from nbdist.cluster._exits import RUNNING, EngineExit, await_exit, exit_status
+from nbdist.cluster._internals import (
+    client_controller_ip,
+    launch_failure,
+    owner_only,
+    reap_stragglers,
+    registration_port,
+)
 from nbdist.cluster._launch import controller_address, engine_launcher_config
 from nbdist.engine._context import THREAD_VARIABLES
+from nbdist.engine._stacks import STACK_SIGNAL
 
 # The hub announces an engine only after its heart has been seen beating, about two heartbeat
 # periods after it registers: at ipyparallel's 3 s period that is 6 of a 6.6 s start. A 250 ms
@@ -52,12 +62,18 @@ class EngineCluster:
         self._client: ipp.Client | None = None
         self._procs: dict[int, psutil.Process] = {}
         self._joined = False
+        self._deadline = time.monotonic()
+        self._scratch: str | None = None
         self.formation: Formation | None = None
         """What the engines are joined for; None until the first cell, and again after recovery."""
 
     @property
     def grace(self) -> float:
         return self.config.grace
+
+    @property
+    def running(self) -> bool:
+        return self._client is not None
 
     @property
     def cluster_id(self) -> str:
@@ -78,8 +94,10 @@ class EngineCluster:
     # -- starting ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the controller and engines, and wait until every engine has registered."""
+        """Start the controller and engines, and wait until every engine has registered: all
+        within `start_timeout` (stretched on a loaded machine), launching included."""
         cfg, plan = self.config, self.config.launch
+        self._deadline = time.monotonic() + patience(cfg.start_timeout)
         if not plan.owns_engines:
             self._connect()
             return
@@ -100,10 +118,10 @@ class EngineCluster:
         self._cluster = cluster
         try:
             cluster.start_controller_sync()
-            _owner_only(cluster)
+            owner_only(cluster)
             if plan.remote:
                 # Engines elsewhere cannot watch this process: they watch the controller instead.
-                port = _registration_port(cluster)
+                port = registration_port(cluster)
                 engine_cmd = guard.remote_command(plan.python or "python3", self.controller_ip, port,
                                                   "ipyparallel.engine")
             else:
@@ -116,10 +134,10 @@ class EngineCluster:
                 # start (and import) while the controller is still coming up.
                 self._start_engine_processes()
             self._client = cluster.connect_client_sync()
-            _owner_only(cluster)
+            owner_only(cluster)
             if plan.remote:
                 self._start_engine_processes()
-            self._adopt(self._wait_for_new_engines(set(), cfg.n, cfg.start_timeout))
+            self._adopt(self._wait_for_new_engines(set(), cfg.n))
         except BaseException as exc:
             self.stop()
             if isinstance(exc, Exception) and not isinstance(exc, PoolStartError):
@@ -142,9 +160,9 @@ class EngineCluster:
                 "ipcontroller-client.json file (from `ipcluster start` or `ipcontroller`)."
             ) from exc
         self._client, self._joined = client, True
-        self.controller_ip = _client_controller_ip(client)
+        self.controller_ip = client_controller_ip(client)
         try:
-            ids = self._wait_for_new_engines(set(), max(self.config.n, 1), self.config.start_timeout)
+            ids = self._wait_for_new_engines(set(), max(self.config.n, 1))
             self._adopt(sorted(client.ids) if self.config.n == 0 else ids)
         except BaseException:
             self.stop()
@@ -157,16 +175,17 @@ class EngineCluster:
         try:
             cluster.start_engines_sync(cfg.n, environment={name: threads for name in THREAD_VARIABLES})
         except Exception as exc:
-            raise PoolStartError(_launch_failure(cfg, cluster, exc)) from exc
+            raise PoolStartError(launch_failure(cfg, cluster, exc)) from exc
 
     def _adopt(self, new_ids: list[int]) -> None:
-        self.engines = adopt(self.client, new_ids, self.config, self.controller_ip)
+        self.engines = adopt(self.client, new_ids, self.config, self.controller_ip,
+                             timeout=max(1.0, self._deadline - time.monotonic()))
         self.views = tuple(self.client[e.engine_id] for e in self.engines)
         self._procs = self._find_processes()
         self.formation = None
 
-    def _wait_for_new_engines(self, known: set[int], n: int, timeout: float) -> list[int]:
-        deadline = time.monotonic() + timeout
+    def _wait_for_new_engines(self, known: set[int], n: int) -> list[int]:
+        began = time.monotonic()
         while True:
             fresh = sorted(set(self.client.ids) - known)
             if len(fresh) >= n:
@@ -177,12 +196,25 @@ class EngineCluster:
                     f"the engine launcher ended before {n - len(fresh)} of {n} engines registered. "
                     f"Its output ends with:\n{ended}"
                 )
-            if time.monotonic() > deadline:
+            if time.monotonic() > self._deadline:
+                asked = self.config.start_timeout
                 raise PoolStartError(
-                    f"only {len(fresh)} of {n} engines registered within {timeout:.0f} s; "
-                    "see the engine logs in the ipyparallel profile's log folder."
+                    f"only {len(fresh)} of {n} engines registered with the controller within "
+                    f"{waited(asked, time.monotonic() - began)} (a longer --timeout helps on a busy machine). "
+                    f"What the engines printed is in {self.logs()}"
                 )
             time.sleep(0.02)
+
+    def logs(self) -> str:
+        """Where the engines' output goes: each launcher's log file here, or the profile's log
+        folder (on the remote hosts for engines started there)."""
+        files: list[str] = []
+        if self._cluster is not None:
+            for engine_set in list(self._cluster.engines.values()):
+                launchers = list(getattr(engine_set, "launchers", {}).values()) or [engine_set]
+                files += [str(f) for launcher in launchers if (f := getattr(launcher, "output_file", ""))]
+        folder = os.path.join(self.profile_dir, "log") if self.profile_dir else "the profile's log folder"
+        return ", ".join(files) if files else folder
 
     def _launcher_ended(self) -> str | None:
         """The tail of a launcher's output once it has stopped (mpiexec exits when an engine
@@ -213,8 +245,23 @@ class EngineCluster:
     # -- replacing and stopping --------------------------------------------------------------
 
     def recover(self) -> float:
-        """Kill every engine, start new ones and adopt them. Returns the seconds it took."""
+        """Kill every engine, start new ones and adopt them. Returns the seconds it took.
+
+        It ends either with fresh engines or with the pool plainly stopped (an interrupt or a
+        failure half-way would leave dead engines behind a pool that looks alive)."""
         started = time.monotonic()
+        try:
+            self._replace_engines()
+        except BaseException as exc:
+            self.stop()
+            how = "was interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed ({exc})"
+            raise PoolStateError(
+                f"starting fresh engines {how}: the pool is now stopped, with no engine or controller left "
+                "running. Start it again with `%nbdist start` (or Pool.start())."
+            ) from None
+        return time.monotonic() - started
+
+    def _replace_engines(self) -> None:
         if self._joined:
             raise PoolStateError(
                 "this pool joined a cluster it did not start (--connect), so it cannot give it fresh engines: "
@@ -229,9 +276,9 @@ class EngineCluster:
             except psutil.NoSuchProcess:
                 pass
         cluster.stop_engines_sync()
+        self._deadline = time.monotonic() + patience(self.config.start_timeout)
         self._start_engine_processes()
-        self._adopt(self._wait_for_new_engines(known, self.config.n, self.config.start_timeout))
-        return time.monotonic() - started
+        self._adopt(self._wait_for_new_engines(known, self.config.n))
 
     def stop(self) -> None:
         """Stop every engine and the controller (not those of a joined cluster); safe twice."""
@@ -240,13 +287,16 @@ class EngineCluster:
         self.engines, self.views, self._procs, self.formation = (), (), {}, None
         if client is not None:
             client.close()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
         if cluster is not None:
             try:
                 cluster.stop_cluster_sync()
             except Exception as exc:  # noqa: BLE001 - e.g. a launcher that never started; reap below
                 say(f"stopping the cluster: {exc}", unasked=True)
             finally:
-                _reap_stragglers(cluster)
+                reap_stragglers(cluster)
 
     # -- watching ------------------------------------------------------------------------------
 
@@ -287,6 +337,26 @@ class EngineCluster:
             except Exception:  # noqa: BLE001 - an engine that cannot be signalled is freed by recovery
                 pass
 
+    def scratch_file(self, kind: str) -> str:
+        """A path no one has used, in a folder of this cluster's that only its owner can read;
+        the folder goes when the cluster stops."""
+        if self._scratch is None:
+            self._scratch = tempfile.mkdtemp(prefix=f"{self.cluster_id}-")
+        return os.path.join(self._scratch, f"{kind}-{uuid.uuid4().hex[:12]}")
+
+    def dump_stacks(self, ranks: Sequence[int]) -> None:
+        """Signal these ranks' engines to dump their stacks: directly where the process is
+        ours, through the engine's nanny elsewhere (it works while the engine is blocked)."""
+        for rank in ranks:
+            process = self._procs.get(rank)
+            try:
+                if process is not None:
+                    process.send_signal(STACK_SIGNAL)
+                else:
+                    self.client.send_signal(STACK_SIGNAL, targets=[self.engines[rank].engine_id], block=False)
+            except Exception:  # noqa: BLE001 - a rank that cannot be asked shows as "stack not read"
+                pass
+
     def push(self, namespace: Mapping[str, Any]) -> None:
         self.client[[e.engine_id for e in self.engines]].push(dict(namespace), block=True)
 
@@ -295,60 +365,3 @@ class EngineCluster:
         self.engines = tuple(replace(e, device=str(d)) for e, d in zip(self.engines, devices, strict=False))
         self.formation = formation
 
-
-def _owner_only(cluster: ipp.Cluster) -> None:
-    """Connection files hold the key that signs every message: readable by their owner only."""
-    folder = os.path.join(cluster.profile_dir, "security")
-    for name in os.listdir(folder):
-        if cluster.cluster_id in name:
-            os.chmod(os.path.join(folder, name), 0o600)
-
-
-def _registration_port(cluster: ipp.Cluster) -> int:
-    path = os.path.join(cluster.profile_dir, "security", f"ipcontroller-{cluster.cluster_id}-engine.json")
-    deadline = time.monotonic() + 10
-    while not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    with open(path) as handle:
-        return int(json.load(handle)["registration"])
-
-
-def _client_controller_ip(client: ipp.Client) -> str:
-    url = str(client._config.get("interface") or client._config.get("url") or "")
-    host = url.split("://")[-1].rsplit(":", 1)[0]
-    return host if host and host not in ("*", "0.0.0.0", "localhost") else LOOPBACK
-
-
-def _launch_failure(cfg: PoolConfig, cluster: ipp.Cluster, exc: Exception) -> str:
-    """Name the host that could not be reached (ipyparallel's error names only the command)."""
-    plan = cfg.launch
-    if plan.launcher == "ssh":
-        # The SSH launcher registers each host's launcher ("host/i") just before starting it,
-        # so the last one registered is the host that failed.
-        keys = [key for eset in cluster.engines.values() for key in getattr(eset, "launchers", {})]
-        failed = keys[-1].rsplit("/", 1)[0] if keys else plan.hosts[0].name
-        detail = getattr(exc, "output", None) or getattr(exc, "stderr", None) or exc
-        if isinstance(detail, bytes):
-            detail = detail.decode(errors="replace")
-        return (
-            f"could not start engines on host {failed} over SSH: {str(detail).strip()[-500:]}. "
-            f"Check that `ssh {failed}` works without a password prompt and that {plan.python or 'python3'} "
-            "there has nbdist and ipyparallel installed (--python names it). Nothing was left running."
-        )
-    return f"the {plan.launcher} launcher could not start the engines: {exc}"
-
-
-def _reap_stragglers(cluster: ipp.Cluster) -> None:
-    """Kill any engine or controller process a failed stop left behind (tracked PIDs only)."""
-    handles: list[Any] = []
-    for engine_set in list(cluster.engines.values()):
-        handles.extend(getattr(engine_set, "launchers", {}).values())
-    if cluster.controller is not None:
-        handles.append(cluster.controller)
-    for launcher in handles:
-        process = getattr(launcher, "process", None)
-        if isinstance(process, psutil.Process) and process.is_running():
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass

@@ -98,6 +98,7 @@ def resolve_config(
     preload: str | None = None,
     environ: Mapping[str, str] | None = None,
     cpu_count: Callable[[], int | None] = os.cpu_count,
+    available_mb: Callable[[], float] | None = None,
 ) -> PoolConfig:
     """Decide engine count, GPU pinning and threads from the options and the machine."""
     if isinstance(gpus, str) and gpus not in ("all", "none"):
@@ -111,6 +112,8 @@ def resolve_config(
     chosen = _group_gpus(_choose_gpus(gpus, visible_gpus(os.environ if environ is None else environ)),
                          gpus_per_engine)
     chosen, count = _engine_count(n, chosen)
+    preloaded = _preload(preload)
+    _check_fits(count, preloaded, available_mb() if available_mb is not None else _available_mb(), cpu_count() or 1)
     return PoolConfig(
         n=count,
         gpus=chosen,
@@ -118,7 +121,7 @@ def resolve_config(
         start_timeout=start_timeout,
         grace=grace,
         launch=launch or LaunchPlan(),
-        preload=_preload(preload),
+        preload=preloaded,
     )
 
 
@@ -162,6 +165,37 @@ def _engine_count(n: int | None, chosen: tuple[str, ...]) -> tuple[tuple[str, ..
         )
     chosen = chosen[:n] if n is not None else chosen
     return chosen, len(chosen)
+
+
+# Measured resident memory of an idle engine: with torch imported while it starts, and without.
+ENGINE_MB = {"torch": 330.0, "none": 110.0}
+MAX_ENGINES_PER_CORE = 8
+
+
+def _available_mb() -> float:
+    import psutil
+
+    return float(psutil.virtual_memory().available) / 2**20
+
+
+def _check_fits(count: int, preload: tuple[str, ...], available: float, cores: int) -> None:
+    """Refuse, before anything starts, a pool this machine cannot hold or run."""
+    per = ENGINE_MB["torch" if preload else "none"]
+    if count * per > available:
+        fit = max(1, int(available // per))
+        lighter = (f", or --preload none (~{ENGINE_MB['none']:.0f} MB each) for TensorFlow-only pools"
+                   if preload else "")
+        raise ConfigError(
+            f"-n {count}: {count} engines need about {count * per / 1024:.1f} GB ({per:.0f} MB each"
+            f"{' with torch preloaded' if preload else ''}), but this machine has {available / 1024:.1f} GB "
+            f"available: start at most {fit}{lighter}."
+        )
+    if count > MAX_ENGINES_PER_CORE * cores:
+        raise ConfigError(
+            f"-n {count} is {count / cores:.0f} engines per core on this {cores}-core machine: the ranks would take "
+            f"turns on the cores instead of running together. Start at most {MAX_ENGINES_PER_CORE * cores}, or "
+            "use other hosts (--hosts, --launcher slurm)."
+        )
 
 
 def _preload(preload: str | None) -> tuple[str, ...]:

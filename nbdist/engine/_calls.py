@@ -9,7 +9,7 @@ from typing import Any
 
 from nbdist._devices import scheduler_local_rank, visible_gpus
 from nbdist._net import LOOPBACK, free_port, route_address
-from nbdist._wire import CollectiveExport, EngineFacts, Formation, RankInfo
+from nbdist._wire import CollectiveExport, EngineFacts, Formation, RankInfo, pack
 from nbdist.backends import load_backend
 from nbdist.engine._context import _CONTEXT, pin, user_namespace
 
@@ -55,7 +55,8 @@ def join(info: RankInfo, formation: Formation) -> str:
 
 
 def export(name: str, collective: bool = False, wanted: bool = True) -> Any:
-    """A user variable made fit for the notebook (e.g. a DDP model unwrapped, on CPU).
+    """A user variable made fit for the notebook (e.g. a DDP model unwrapped, on CPU), packed
+    (see `Packed`): the kernel loads it where it can, and says why where it cannot.
 
     A sharded model must be gathered by every rank together; asked alone (`collective`
     False) this rank says so instead of blocking, and the kernel asks all ranks."""
@@ -65,11 +66,11 @@ def export(name: str, collective: bool = False, wanted: bool = True) -> Any:
     value = ns[name]
     backend = _CONTEXT.backend
     if backend is None:
-        return value
+        return pack(value)
     if not collective and backend.export_is_collective(value):
         return CollectiveExport()
     exported = backend.export(value)
-    return exported if wanted else None
+    return pack(exported) if wanted else None
 
 
 def memory() -> dict[str, float]:

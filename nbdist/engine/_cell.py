@@ -24,13 +24,16 @@ def _split_last_expression(tree: ast.Module) -> tuple[ast.Module, ast.Expression
 
 
 def _format_failure(exc: BaseException, filename: str) -> str:
-    """The traceback from the cell's own frames on, without nbdist's frames above them."""
+    """The traceback from the cell's own frames on, without nbdist's frames above them. A
+    syntax error in the cell has no frame of the cell: it is shown alone, with its line."""
     te = traceback.TracebackException.from_exception(exc)
     frames = list(te.stack)
     for i, frame in enumerate(frames):
         if frame.filename == filename:
             te.stack = traceback.StackSummary.from_list(frames[i:])
-            break
+            return "".join(te.format())
+    if isinstance(exc, SyntaxError):
+        return "".join(te.format_exception_only())
     return "".join(te.format())
 
 

@@ -13,6 +13,7 @@ from concurrent import futures
 from typing import Any, Protocol
 
 from nbdist._errors import DistributedCellError
+from nbdist._patience import patience, waited
 from nbdist._wire import remote_traceback
 from nbdist.cluster import EngineExit
 
@@ -34,8 +35,15 @@ class Ranks(Protocol):
     def grace(self) -> float:
         """Seconds the other ranks get to finish after one fails or is interrupted."""
 
+    @property
+    def running(self) -> bool:
+        """False once the pool has been stopped (from another thread, say)."""
+
     def exits(self) -> list[EngineExit]:
         """Engines that have ended since they were adopted."""
+
+    def dump_stacks(self, ranks: Sequence[int]) -> None:
+        """Ask these ranks for their threads' stacks (they arrive in the running cell's data)."""
 
     def interrupt(self, ranks: Sequence[int]) -> None:
         """Send SIGINT to these ranks' engines."""
@@ -59,6 +67,7 @@ def settle(ranks: Ranks, summary: str, tracebacks: dict[int, str], *, stuck: Seq
 
 def gather_or_fail(ranks: Ranks, pending: list[Any], *, what: str, timeout: float) -> list[Any]:
     """Wait for a setup call on every rank; on failure or timeout, free the pool and say so."""
+    asked, timeout = timeout, patience(timeout)
     done, not_done = futures.wait(pending, timeout=timeout, return_when=futures.FIRST_EXCEPTION)
     errors = {rank: remote_traceback(exc) for rank, ar in enumerate(pending)
               if ar in done and (exc := ar.exception()) is not None}
@@ -67,5 +76,5 @@ def gather_or_fail(ranks: Ranks, pending: list[Any], *, what: str, timeout: floa
     if not_done:
         futures.wait(not_done, timeout=ranks.grace)
     stuck = [rank for rank, ar in enumerate(pending) if not ar.done()]
-    reason = "failed" if errors else f"did not finish within {timeout:g} s"
+    reason = "failed" if errors else f"did not finish within {waited(asked, timeout)}"
     raise settle(ranks, f"{what} {reason}.", errors, stuck=stuck)

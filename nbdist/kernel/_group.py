@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from nbdist._errors import PoolStateError
+from nbdist._net import LOOPBACK
 from nbdist._wire import Formation, RankInfo
 from nbdist.backends import backend_spec
 from nbdist.cluster import EngineCluster, EngineInfo
@@ -42,7 +43,9 @@ def form_group(cluster: EngineCluster, formation: Formation) -> None:
                 for i, host in enumerate(hosts)]
         ports = gather_or_fail(cluster, asks, what="choosing ports", timeout=cluster.config.start_timeout)
         peers = tuple(f"{h}:{p}" for h, p in zip(hosts, ports, strict=True))
-    infos = [replace(i, peers=peers) for i in rank_infos(engines, master_addr=master, master_port=port)]
+    # On one machine the torch group meets through a fresh file in the cluster's private folder.
+    store = cluster.scratch_file("store") if all(e.address == LOOPBACK for e in engines) else None
+    infos = [replace(i, peers=peers, store=store) for i in rank_infos(engines, master_addr=master, master_port=port)]
     pending = [view.apply_async(engine_calls.join, info, formation) for view, info in zip(views, infos, strict=True)]
     devices = gather_or_fail(cluster, pending, what=f"forming the {formation.backend} process group",
                              timeout=cluster.config.start_timeout)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from nbdist._errors import ConfigError, PoolStateError
+from nbdist._errors import ConfigError, PoolStateError, PoolValueError
 from nbdist._say import say
-from nbdist._wire import CollectiveExport, Formation
+from nbdist._wire import CannotLoad, CollectiveExport, Formation, unpack
 from nbdist.backends import backend_spec
 from nbdist.cluster import EngineCluster, EngineExit, EngineInfo, PoolConfig, resolve_options
 from nbdist.engine import _calls as engine_calls
@@ -56,11 +56,11 @@ class Pool:
 
     @property
     def is_running(self) -> bool:
-        return self._cluster is not None
+        return self._cluster is not None and self._cluster.running
 
     def start(self) -> Pool:
         """Start the controller and engines, and wait until every engine has registered."""
-        if self._cluster is not None:
+        if self.is_running:
             raise PoolStateError("the pool is already running: use restart() or stop() first.")
         cluster = EngineCluster(self.config)
         cluster.start()
@@ -94,7 +94,7 @@ class Pool:
     # -- inspection ------------------------------------------------------------------------
 
     def _running(self) -> EngineCluster:
-        if self._cluster is None:
+        if self._cluster is None or not self._cluster.running:
             raise PoolStateError("no pool is running: start one with `%nbdist start` or Pool.start().")
         return self._cluster
 
@@ -141,12 +141,16 @@ class Pool:
         views = cluster.views
         if not isinstance(rank, int) or not 0 <= rank < len(views):
             raise ConfigError(f"--rank {rank!r} is out of range: ranks are 0..{len(views) - 1}.")
-        value = views[rank].apply_sync(engine_calls.export, name)
+        # Not apply_sync: it turns an interrupt into a pending result, which the caller would keep.
+        value = views[rank].apply_async(engine_calls.export, name).get()
         if isinstance(value, CollectiveExport):  # sharded: every rank gathers it together
             pending = [view.apply_async(engine_calls.export, name, True, r == rank) for r, view in enumerate(views)]
             value = gather_or_fail(cluster, pending, what=f"gathering {name}",
                                    timeout=self.config.start_timeout)[rank]
-        return value
+        try:
+            return unpack(value, f"{name} (rank {rank})")
+        except CannotLoad as exc:
+            raise PoolValueError(str(exc)) from None
 
     def memory(self, timeout: float = 5.0) -> list[dict[str, float]]:
         """Per rank: parameter, gradient and optimizer-state MB held (what sharding divides);

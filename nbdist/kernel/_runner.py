@@ -1,5 +1,10 @@
 """Running one cell on every rank: streaming its output, feeding observers, and ending it
-within seconds when a rank fails, an engine dies, or the user interrupts it."""
+within seconds when a rank fails, an engine dies, the pool is stopped or the user interrupts.
+
+When a rank fails while others still run, the others' stacks decide: a rank waiting in a
+collective for the failed rank can never finish and is stopped; a rank still computing is
+given the chance to finish, and engine state is kept.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +16,25 @@ from typing import Any, Protocol
 
 from nbdist._errors import DistributedCellError
 from nbdist._say import say
-from nbdist._wire import CellOutcome, remote_traceback
+from nbdist._wire import CellOutcome, remote_traceback, shown
 from nbdist.cluster import EngineExit
 from nbdist.engine import _cell as engine_cell
+from nbdist.engine._stacks import STACK_KEY_PREFIX
 from nbdist.kernel._contain import LOST_STATE, Ranks, settle
 from nbdist.kernel._history import History
+from nbdist.kernel._interrupts import interrupt_flag
 from nbdist.kernel._output import OutputStream
 from nbdist.kernel._store import MetricStore
+from nbdist.kernel._where import Where, parse
 
 POLL_SECONDS = 0.1
+LOOK_SECONDS = 2.0  # how often the stacks of ranks still running after a failure are read again
+DUMP_WAIT_SECONDS = 1.0  # how long a stack dump may take to arrive
 ENGINE_DIED = "EngineError"  # what ipyparallel fails a task with when its engine dies
 DEATH_SETTLE_SECONDS = 3.0  # how long the controller's word of that death may trail the failure
 KEPT = "Engine state is kept: the pool is ready for the next cell."
+STOPPED = ("The pool was stopped while this cell ran (`%nbdist stop` or Pool.stop()): nothing more will come "
+           "from its ranks. Start a pool again with `%nbdist start`.")
 
 
 class CellObserver(Protocol):
@@ -72,22 +84,22 @@ def _await_exits(ranks: Ranks, seconds: float) -> list[EngineExit]:
     return exits
 
 
-def _ranks_were(ranks: list[int]) -> str:
-    listed = ", ".join(map(str, ranks))
-    return f"Rank {listed} was" if len(ranks) == 1 else f"Ranks {listed} were"
+def _listed(ranks: Sequence[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
 
 
 def _failure(failed: list[CellOutcome]) -> tuple[str, dict[int, str]]:
-    """The first failing rank's error for the summary; each distinct traceback once."""
+    """Each distinct error once with the ranks that raised it; each distinct traceback once."""
     failed = sorted(failed, key=lambda o: o.rank)
-    shown: dict[int, str] = {}
+    shown_tb: dict[int, str] = {}
     for o in failed:
-        if o.traceback not in shown.values():
-            shown[o.rank] = o.traceback
-    first = failed[0]
-    ranks = ", ".join(str(o.rank) for o in failed)
-    where = f"rank {ranks}" if len(failed) == 1 else f"ranks {ranks}"
-    return f"{first.ename} on {where}: {first.evalue}", shown
+        if o.traceback not in shown_tb.values():
+            shown_tb[o.rank] = o.traceback
+    errors: dict[tuple[str, str], list[int]] = {}
+    for o in failed:
+        errors.setdefault((o.ename, o.evalue), []).append(o.rank)
+    summary = "; ".join(f"{ename} on {_listed(ranks)}: {evalue}" for (ename, evalue), ranks in errors.items())
+    return summary, shown_tb
 
 
 class CellRunner:
@@ -123,45 +135,51 @@ class CellRunner:
             for obs in self.observers:
                 obs.cell_finished(ok)
         rank0 = outcomes[0]
-        return CellResult(rank0.value, outcomes, time.monotonic() - started, rank0.display)
+        value = shown(rank0.value, "the cell's last value")
+        return CellResult(value, outcomes, time.monotonic() - started, rank0.display)
 
     def _watch(self, pending: list[Any], stream: OutputStream, started: float,
                timeout: float | None) -> list[CellOutcome]:
         ranks = self.ranks
         first_failure: float | None = None
-        try:
-            while True:
-                waiting = [ar for ar in pending if not ar.done()]
-                if waiting:
-                    futures.wait(waiting, timeout=POLL_SECONDS, return_when=futures.FIRST_COMPLETED)
-                stream.pump()
-                self._collect()
-                for obs in self.observers:
-                    obs.cell_polled()
-                done = {rank: _outcome(ar, rank) for rank, ar in enumerate(pending) if ar.done()}
-                # Checked before "all done": ipyparallel may fail a dead engine's task at once,
-                # and the cell must still be reported as an engine death, with recovery.
-                exits = ranks.exits()
-                if exits:
-                    stream.pump(final=True)
-                    raise self._engine_died(exits, done)
-                if len(done) == len(pending):
-                    break
-                now = time.monotonic()
-                failed = [o for o in done.values() if not o.ok]
-                if failed and first_failure is None:
-                    first_failure = now
-                if first_failure is not None and now - first_failure > ranks.grace:
-                    stream.pump(final=True)
-                    stuck = [r for r, ar in enumerate(pending) if not ar.done()]
-                    summary, tracebacks = _failure(failed)
-                    raise settle(ranks, f"{summary}\n{_ranks_were(stuck)} still waiting (most likely in a "
-                                 f"collective for the failed rank) and {'was' if len(stuck) == 1 else 'were'} "
-                                 "stopped.", tracebacks, stuck=stuck)
-                if timeout is not None and now - started > timeout:
-                    raise self._stop(pending, stream, f"The cell timed out after {timeout:g} s.")
-        except KeyboardInterrupt:
-            raise self._stop(pending, stream, "The cell was interrupted.") from None
+        next_look = 0.0
+        computing: dict[int, Where | None] = {}
+        # The flag also catches an interrupt whose KeyboardInterrupt was lost: raised while a
+        # finalizer (__del__, a weakref callback) ran on this thread, Python prints and drops it.
+        with interrupt_flag() as interrupted:
+            try:
+                while True:
+                    waiting = [ar for ar in pending if not ar.done()]
+                    if waiting:
+                        futures.wait(waiting, timeout=POLL_SECONDS, return_when=futures.FIRST_COMPLETED)
+                    if interrupted.is_set():
+                        raise KeyboardInterrupt
+                    if not ranks.running:
+                        raise DistributedCellError(STOPPED, {})
+                    stream.pump()
+                    self._collect()
+                    for obs in self.observers:
+                        obs.cell_polled()
+                    done = {rank: _outcome(ar, rank) for rank, ar in enumerate(pending) if ar.done()}
+                    # Checked before "all done": ipyparallel may fail a dead engine's task at once,
+                    # and the cell must still be reported as an engine death, with recovery.
+                    exits = ranks.exits()
+                    if exits:
+                        stream.pump(final=True)
+                        raise self._engine_died(exits, done)
+                    if len(done) == len(pending):
+                        break
+                    now = time.monotonic()
+                    failed = [o for o in done.values() if not o.ok]
+                    if failed and first_failure is None:
+                        first_failure = now
+                    if first_failure is not None and now - first_failure > ranks.grace and now >= next_look:
+                        computing = self._after_failure(pending, stream, failed, computing)
+                        next_look = time.monotonic() + LOOK_SECONDS
+                    if timeout is not None and now - started > timeout:
+                        raise self._stop(pending, stream, f"The cell timed out after {timeout:g} s.")
+            except KeyboardInterrupt:
+                raise self._stop(pending, stream, "The cell was interrupted.") from None
         for ar in pending:
             ar.wait_for_output(timeout=1.0)
         stream.pump(final=True)
@@ -175,23 +193,64 @@ class CellRunner:
                 raise self._engine_died(exits, {o.rank: o for o in outcomes})
         if failed:
             summary, tracebacks = _failure(failed)
+            finished = [r for r in computing if r not in {o.rank for o in failed}]
+            if finished:
+                summary += f"\n{_listed(finished).capitalize()} kept computing after the failure and finished."
             raise settle(ranks, f"{summary}\n", tracebacks, kept=KEPT)
         return outcomes
+
+    def _after_failure(self, pending: list[Any], stream: OutputStream, failed: list[CellOutcome],
+                       before: dict[int, Where | None]) -> dict[int, Where | None]:
+        """Stop the ranks that wait in a collective for a failed rank (they never finish);
+        return those still computing, to look at again."""
+        running = [r for r, ar in enumerate(pending) if not ar.done()]
+        where = self._where(pending, running)
+        stuck = [r for r in running if _stuck(where.get(r), before.get(r, _UNSEEN))]
+        if not stuck:
+            return {r: where.get(r) for r in running}
+        stream.pump(final=True)
+        summary, tracebacks = _failure(failed)
+        lines = [_describe(r, where.get(r)) for r in stuck]
+        verb = "was" if len(stuck) == 1 else "were"
+        raise settle(ranks=self.ranks, summary=f"{summary}\n{'; '.join(lines)}: waiting for the failed rank, "
+                     f"{'it' if len(stuck) == 1 else 'they'} {verb} stopped.", tracebacks=tracebacks, stuck=stuck)
+
+    def _where(self, pending: list[Any], ranks: Sequence[int]) -> dict[int, Where | None]:
+        """Each rank's place, from a stack dump it publishes into its running cell's data."""
+        if not ranks:
+            return {}
+        seen = {r: _stack_keys(pending[r]) for r in ranks}
+        self.ranks.dump_stacks(ranks)
+        deadline = time.monotonic() + DUMP_WAIT_SECONDS
+        dumps: dict[int, str] = {}
+        while len(dumps) < len(ranks) and time.monotonic() < deadline:
+            time.sleep(0.02)
+            for r in ranks:
+                new = sorted(_stack_keys(pending[r]) - seen[r], key=lambda k: int(k.rpartition(":")[2]))
+                if new and r not in dumps:
+                    dumps[r] = str(pending[r].metadata["data"][new[-1]])
+        return {r: parse(dumps[r]) if r in dumps else None for r in ranks}
 
     def _collect(self) -> None:
         for rank, ar in enumerate(self._pending):
             self.store.ingest(rank, ar.metadata.get("data") or {})
 
     def _engine_died(self, exits: list[EngineExit], done: dict[int, CellOutcome]) -> DistributedCellError:
-        tracebacks = {o.rank: o.traceback for o in done.values() if not o.ok}
+        # A rank whose engine died has only ipyparallel's own traceback: nothing of the user's.
+        tracebacks = {o.rank: o.traceback for o in done.values() if not o.ok and o.ename != ENGINE_DIED}
         return settle(self.ranks, f"EngineDied: {'; '.join(x.describe() for x in exits)}.\n", tracebacks,
                       exits=exits)
 
     def _stop(self, pending: list[Any], stream: OutputStream, reason: str) -> DistributedCellError:
         """Interrupt every rank still running; if any cannot stop (a gloo collective ignores
-        SIGINT), free it by restarting the pool."""
+        SIGINT), free it by restarting the pool. The message says where each rank was."""
         ranks = self.ranks
+        if not ranks.running:
+            return DistributedCellError(f"{reason} {STOPPED}", {})
         running = [rank for rank, ar in enumerate(pending) if not ar.done()]
+        where = self._where(pending, running)
+        if running:
+            reason += f" Where the ranks were: {'; '.join(_describe(r, where.get(r)) for r in running)}."
         ranks.interrupt(running)
         futures.wait([pending[r] for r in running], timeout=ranks.grace)
         stream.pump(final=True)
@@ -207,3 +266,25 @@ class CellRunner:
             reason += f" Ranks {', '.join(map(str, still))} did not stop (blocked in a collective) and were killed."
         return settle(ranks, reason, tracebacks, stuck=still, exits=exits,
                       kept="Every rank stopped; engine state is kept and the pool is ready.")
+
+
+_UNSEEN = object()
+
+
+def _stack_keys(ar: Any) -> set[str]:
+    return {k for k in (ar.metadata.get("data") or {}) if k.startswith(STACK_KEY_PREFIX)}
+
+
+def _stuck(now: Where | None, before: Any) -> bool:
+    """A rank can never finish when it waits in a collective for the failed rank. Waiting
+    inside a framework call the same way twice in a row (DDP's backward waiting for its
+    all-reduce) counts too; a rank whose stack cannot be read is treated as stuck."""
+    if now is None:
+        return True
+    if now.in_collective:
+        return True
+    return isinstance(before, type(now)) and before.frames == now.frames and now.in_framework
+
+
+def _describe(rank: int, where: Where | None) -> str:
+    return where.describe(rank) if where is not None else f"rank {rank} (its stack could not be read)"

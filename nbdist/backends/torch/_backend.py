@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nbdist._net import loopback_interface
 from nbdist._wire import Formation, RankInfo
 from nbdist.backends._base import Backend
 from nbdist.backends.torch._device import rank_device
@@ -24,9 +25,16 @@ class TorchBackend(Backend):
         device = rank_device()
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        if info.store is not None:
+            # One machine: the ranks meet through a file, since torch's TCP store listens on every
+            # interface whatever address it is given; gloo's own sockets stay on loopback.
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
+            init_method = f"file://{info.store}"
+        else:
+            init_method = f"tcp://{info.master_addr}:{info.master_port}"
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
-            init_method=f"tcp://{info.master_addr}:{info.master_port}",
+            init_method=init_method,
             rank=info.rank,
             world_size=info.world_size,
         )
