@@ -38,6 +38,7 @@ __all__ = [
     "PoolValueError",
     "PoolWidget",
     "ScalingReport",
+    "breakpoint",
     "history",
     "report",
     "scaling_report",
@@ -79,6 +80,17 @@ def report(**values: Any) -> None:
     Call it every step: it only appends to a buffer. Outside a `%%distributed` cell it
     does nothing, so the same code runs under torchrun or in a plain script."""
     _metrics.report(**values)
+
+
+def breakpoint() -> None:  # noqa: A001 - the name users know from Python's own
+    """Stop the cell here on rank 0 and debug it from the notebook (pdb's commands, typed in the
+    notebook's input box); the other ranks wait at their next collective. `c` goes on, `q` ends
+    the cell. Elsewhere (a script, torchrun) it does nothing."""
+    import sys
+
+    from nbdist.engine._debug import breakpoint as stop_here
+
+    stop_here(sys._getframe(1))
 
 
 def history(pool: Pool | None = None) -> Any:

@@ -31,20 +31,34 @@ class DistributedCellError(NbdistError):
     nbdist's internals.
     """
 
-    def __init__(self, summary: str, tracebacks: dict[int, str], *, lost_state: bool = False):
+    def __init__(self, summary: str, tracebacks: dict[int, str], *, lost_state: bool = False,
+                 same: dict[int, list[int]] | None = None):
         super().__init__(summary)
         self.summary = summary
         self.tracebacks = tracebacks
         self.lost_state = lost_state
+        self.same = same or {}
+        """For a traceback shown once, every rank that raised it (keyed by the first)."""
+
+    def _header(self, rank: int) -> str:
+        ranks = self.same.get(rank, [rank])
+        if len(ranks) == 1:
+            return f"---- rank {rank} ----"
+        return f"---- ranks {', '.join(map(str, ranks))} (the same error) ----"
 
     @property
     def ranks(self) -> list[int]:
         return sorted(self.tracebacks)
 
+    @property
+    def failed_ranks(self) -> list[int]:
+        """Every rank that raised (a traceback shown once may stand for several)."""
+        return sorted({r for first in self.tracebacks for r in self.same.get(first, [first])})
+
     def _render_traceback_(self) -> list[str]:
         lines: list[str] = []
         for rank in self.ranks:
-            lines.append(f"---- rank {rank} ----")
+            lines.append(self._header(rank))
             lines.extend(self.tracebacks[rank].rstrip("\n").splitlines())
         lines.append(self.summary)
         return lines
@@ -52,5 +66,5 @@ class DistributedCellError(NbdistError):
     def __str__(self) -> str:
         parts = [self.summary]
         for rank in self.ranks:
-            parts.append(f"---- rank {rank} ----\n{self.tracebacks[rank].rstrip()}")
+            parts.append(f"{self._header(rank)}\n{self.tracebacks[rank].rstrip()}")
         return "\n".join(parts)

@@ -108,6 +108,8 @@ class CellOutcome:
     traceback: str = ""
     interrupted: bool = False
     seconds: float = 0.0
+    names: dict[str, Any] | None = None
+    """What changed in the namespace (names, types, attribute names) for Tab completion."""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -80,6 +81,11 @@ class Backend(ABC):
 
     def describe_device(self, info: RankInfo) -> str:
         return f"cuda:{info.gpu}" if info.gpu is not None else "cpu"
+
+    def only_ranks(self, ranks: tuple[int, ...]) -> AbstractContextManager[None]:
+        """While a cell runs on `ranks` only: refuse collectives over ranks that do not run it
+        (they would wait forever). The kernel also watches the stacks of such a cell."""
+        return nullcontext()
 
 
 @dataclass(frozen=True)

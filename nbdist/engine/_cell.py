@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import linecache
 import sys
 import time
@@ -10,8 +11,9 @@ import traceback
 
 from nbdist._wire import CellOutcome, portable
 from nbdist.backends import BACKENDS
-from nbdist.engine import _metrics
+from nbdist.engine import _metrics, _names
 from nbdist.engine._context import _CONTEXT, place_threads, user_namespace
+from nbdist.engine._debug import close_channels
 from nbdist.engine._load import LoadSampler
 
 
@@ -38,7 +40,8 @@ def _format_failure(exc: BaseException, filename: str) -> str:
 
 
 def run_cell(
-    source: str, cell_id: str, backend: str, strategy: str, want_value: bool, line_offset: int = 0
+    source: str, cell_id: str, backend: str, strategy: str, want_value: bool, line_offset: int = 0,
+    subset: tuple[int, ...] | None = None,
 ) -> CellOutcome:
     """Execute a cell's source in the engine's user namespace.
 
@@ -67,13 +70,17 @@ def run_cell(
     sampler = LoadSampler(reporter.report, info.gpu if info is not None else None, extra=extra)
     _metrics.activate(reporter, between_steps=sampler.between_steps)
     sampler.start()
+    guard = group.only_ranks(subset) if group is not None and subset is not None else contextlib.nullcontext()
     try:
-        body, last = _split_last_expression(ast.parse(code, filename))
-        exec(compile(body, filename, "exec"), ns)
-        value = eval(compile(last, filename, "eval"), ns) if last is not None else None
+        with guard:
+            body, last = _split_last_expression(ast.parse(code, filename))
+            exec(compile(body, filename, "exec"), ns)
+            value = eval(compile(last, filename, "eval"), ns) if last is not None else None
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, KeyboardInterrupt too
+        _CONTEXT.last_failure = exc
         _end_metrics(sampler, reporter)
         _flush_streams()
+        close_channels()
         return CellOutcome(
             rank=rank,
             ok=False,
@@ -85,13 +92,14 @@ def run_cell(
         )
     _end_metrics(sampler, reporter)
     _flush_streams()
+    close_channels()
     display = None
     if want_value and value is not None:
         value, display = portable(value, shell)
     else:
         value = None
-    return CellOutcome(rank=rank, ok=True, value=value, display=display,
-                       seconds=time.perf_counter() - started)
+    return CellOutcome(rank=rank, ok=True, value=value, display=display, seconds=time.perf_counter() - started,
+                       names=_names.changes(ns) if want_value else None)
 
 
 def _end_metrics(sampler: LoadSampler, reporter: _metrics.Reporter) -> None:

@@ -28,6 +28,9 @@ class EngineContext:
         default_factory=lambda: frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None)
     """The cores the engine was started with."""
     placed: ThreadPlacement = "free"
+    last_failure: BaseException | None = None
+    """The exception of this rank's last failed cell, for `%nbdist debug`."""
+    debug_channels: list[Any] = field(default_factory=list)
 
 
 _CONTEXT = EngineContext()

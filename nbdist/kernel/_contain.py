@@ -53,7 +53,8 @@ class Ranks(Protocol):
 
 
 def settle(ranks: Ranks, summary: str, tracebacks: dict[int, str], *, stuck: Sequence[int] = (),
-           exits: Sequence[EngineExit] = (), kept: str = "") -> DistributedCellError:
+           exits: Sequence[EngineExit] = (), kept: str = "",
+           same: dict[int, list[int]] | None = None) -> DistributedCellError:
     """The error that ends a failed cell, after replacing the engines where they must be: a
     rank still running (blocked, most likely in a collective) or an engine that died leaves
     the group unusable; otherwise engine state is kept and `kept` says so."""
@@ -61,8 +62,8 @@ def settle(ranks: Ranks, summary: str, tracebacks: dict[int, str], *, stuck: Seq
     if stuck or exits:
         seconds = ranks.recover()
         return DistributedCellError(f"{summary}{sep}{LOST_STATE} (recovered in {seconds:.1f} s)", tracebacks,
-                                    lost_state=True)
-    return DistributedCellError(f"{summary}{sep}{kept}".rstrip(), tracebacks)
+                                    lost_state=True, same=same)
+    return DistributedCellError(f"{summary}{sep}{kept}".rstrip(), tracebacks, same=same)
 
 
 def gather_or_fail(ranks: Ranks, pending: list[Any], *, what: str, timeout: float) -> list[Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -23,6 +24,40 @@ class NbdistMagics(Magics):
         super().__init__(shell)
         self.pool: Pool | None = None
         self.dashboard = Dashboard()  # one for every cell: each new figure cost its engines ~0.1 s
+        self.auto: str | None = None
+        """The %%distributed options every cell runs with while auto mode is on (None: off)."""
+        if shell is not None:
+            shell.input_transformers_cleanup.append(self._auto_transform)
+            shell.Completer.custom_matchers.append(self._complete)
+
+    def _complete(self, text: str) -> list[str]:
+        """Names and attributes of the engines' variables (see `EngineNames`)."""
+        return self.pool.names.complete(text) if self.pool is not None else []
+
+    def _auto_transform(self, lines: list[str]) -> list[str]:
+        """While auto mode is on, a cell runs as `%%distributed` unless it starts with a magic
+        (`%nbdist auto off`, `%%time`, ...), a shell escape or is empty."""
+        if self.auto is None:
+            return lines
+        first = next((line.strip() for line in lines if line.strip()), "")
+        if not first or first.startswith(("%", "!")):
+            return lines
+        return [f"%%distributed --auto {self.auto}\n", *lines]
+
+    def _auto(self, args: argparse.Namespace) -> None:
+        if args.state == "on":
+            options = " ".join(args.options)
+            parse(distributed_parser(), options)  # a wrong option is reported now, not on every cell
+            self.auto = options
+            say(f"auto mode on: every cell runs on the engines as %%distributed {options}".rstrip() +
+                " (cells that start with % still run here). `%nbdist auto off` ends it.")
+        elif args.state == "off":
+            self.auto = None
+            say("auto mode off: cells run in the notebook again.")
+        elif self.auto is None:
+            say("auto mode is off.")
+        else:
+            say(f"auto mode is on: %%distributed {self.auto}".rstrip() + ".")
 
     @property
     def _ns(self) -> dict[str, Any]:
@@ -97,19 +132,25 @@ class NbdistMagics(Magics):
             raise UsageError(f"%nbdist push: {', '.join(missing)} not defined in the notebook.")
         pool.push({name: self._ns[name] for name in args.names})
 
+    def _debug(self, args: argparse.Namespace) -> None:
+        self._require_pool().debug(args.rank)
+
     def _pull(self, args: argparse.Namespace) -> Any:
+        """Bind each name in the notebook; nothing is bound unless every value arrived."""
         pool = self._require_pool()
-        try:
-            value = pool.pull(args.name, rank=args.rank)
-        except NbdistError:
-            raise  # a bad --rank: reported by nbdist()'s handler
-        except Exception as exc:  # a RemoteError: the name is missing on that engine
-            raise UsageError(
-                f"%nbdist pull: could not get {args.name!r} from rank {args.rank}: "
-                f"{getattr(exc, 'evalue', exc)}"
-            ) from None
-        self._ns[args.name] = value
-        return value
+        values = {}
+        for name in args.names:
+            where = "every rank" if args.all else f"rank {args.rank}"
+            try:
+                values[name] = pool.pull_all(name) if args.all else pool.pull(name, rank=args.rank)
+            except NbdistError:
+                raise  # a bad --rank, a value that cannot travel: reported by nbdist()'s handler
+            except Exception as exc:  # a RemoteError: the name is missing on that engine
+                raise UsageError(
+                    f"%nbdist pull: could not get {name!r} from {where}: {getattr(exc, 'evalue', exc)}"
+                ) from None
+        self._ns.update(values)
+        return values[args.names[0]] if len(values) == 1 else None
 
     @cell_magic("distributed")  # type: ignore[arg-type]
     def distributed(self, line: str, cell: str) -> Any:
@@ -118,10 +159,12 @@ class NbdistMagics(Magics):
         if args is None:
             return None
         pool = self._require_pool()
+        if args.auto:
+            print("[nbdist auto]", file=sys.stderr, flush=True)  # the marker of a cell auto mode sent
         try:
             result = pool.run(
                 cell, backend=args.backend, strategy=args.strategy, ps=args.ps, restart=args.restart,
-                output=args.output, timeout=args.timeout, line_offset=1,
+                output=args.output, timeout=args.timeout, line_offset=1, ranks=args.ranks,
                 observers=[] if args.no_dashboard else [self.dashboard],
             )
         except DistributedCellError:
@@ -131,6 +174,11 @@ class NbdistMagics(Magics):
         return result.value
 
     def shutdown(self) -> None:
+        if self.shell is not None:
+            for hooks, hook in ((self.shell.input_transformers_cleanup, self._auto_transform),
+                                (self.shell.Completer.custom_matchers, self._complete)):
+                if hook in hooks:
+                    hooks.remove(hook)
         if self.pool is not None:
             self.pool.stop()
             self.pool = None

@@ -1,40 +1,53 @@
-"""Engines' stdout and stderr, copied to the notebook as they arrive."""
+"""Engines' stdout and stderr, copied to the notebook as they arrive.
+
+Three ways to show them: rank 0's alone (`rank0`); every rank's lines prefixed `[rank k]`
+(`all`); or `grouped`, where a line every rank printed the same is shown once as
+`[all ranks] ...` and only lines that differ are shown per rank. Grouped lines are matched by
+their position in each rank's stream, and shown once every rank has printed that line (or
+has finished)."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
+
+MODES = ("rank0", "all", "grouped")
 
 
 class OutputStream:
-    """Copies each rank's streams (rank 0 only, or every rank prefixed `[rank k]`)."""
-
-    def __init__(self, pending: Sequence[Any], output: str) -> None:
+    def __init__(self, pending: Sequence[Any], output: str, ranks: Sequence[int] | None = None) -> None:
         self._pending = pending
-        self._ranks = range(len(pending)) if output == "all" else range(1)
-        self._prefix = output == "all"
+        self._labels = list(ranks) if ranks is not None else list(range(len(pending)))
+        self._mode = output
+        self._shown = range(len(pending)) if output != "rank0" else range(1)
         self._offsets: dict[tuple[int, str], int] = {}
         self._partial: dict[tuple[int, str], str] = {}
+        self._lines: dict[str, list[list[str]]] = {name: [[] for _ in pending] for name in ("stdout", "stderr")}
+        self._grouped_upto: dict[str, int] = {"stdout": 0, "stderr": 0}
 
     def pump(self, final: bool = False) -> None:
-        for rank in self._ranks:
-            md = self._pending[rank].metadata
+        for index in self._shown:
+            md = self._pending[index].metadata
             for name in ("stdout", "stderr"):
                 text: str = md.get(name) or ""
-                key = (rank, name)
+                key = (index, name)
                 start = self._offsets.get(key, 0)
                 if len(text) <= start:
                     continue
                 self._offsets[key] = len(text)
-                self._write(key, text[start:], final)
+                self._take(key, text[start:])
         if final:
             for key in list(self._partial):
-                self._write(key, "\n", final=True)
+                self._take(key, "\n")
+        if self._mode == "grouped":
+            for name in ("stdout", "stderr"):
+                self._emit_grouped(name, final)
 
-    def _write(self, key: tuple[int, str], chunk: str, final: bool) -> None:
-        stream = sys.stdout if key[1] == "stdout" else sys.stderr
-        if not self._prefix:
+    def _take(self, key: tuple[int, str], chunk: str) -> None:
+        index, name = key
+        stream = _stream(name)
+        if self._mode == "rank0":
             stream.write(chunk)
             stream.flush()
             return
@@ -43,6 +56,37 @@ class OutputStream:
         tail = lines.pop()
         if tail:
             self._partial[key] = tail
-        if lines:
-            stream.write("".join(f"[rank {key[0]}] {line}\n" for line in lines))
+        if self._mode == "all":
+            if lines:
+                stream.write("".join(f"[rank {self._labels[index]}] {line}\n" for line in lines))
+                stream.flush()
+        else:
+            self._lines[name][index].extend(lines)
+
+    def _emit_grouped(self, name: str, final: bool) -> None:
+        per_rank = self._lines[name]
+        done = [final or self._pending[i].done() for i in range(len(per_rank))]
+        out: list[str] = []
+        i = self._grouped_upto[name]
+        while True:
+            have = [len(lines) > i for lines in per_rank]
+            if not any(have):
+                break
+            if not all(h or d for h, d in zip(have, done, strict=True)):
+                break  # a rank still running has not printed line i yet
+            texts = [lines[i] for lines in per_rank if len(lines) > i]
+            if all(have) and len(set(texts)) == 1 and len(per_rank) > 1:
+                out.append(f"[all ranks] {texts[0]}\n")
+            else:
+                out.extend(f"[rank {self._labels[k]}] {lines[i]}\n" for k, lines in enumerate(per_rank)
+                           if len(lines) > i)
+            i += 1
+        self._grouped_upto[name] = i
+        if out:
+            stream = _stream(name)
+            stream.write("".join(out))
             stream.flush()
+
+
+def _stream(name: str) -> TextIO:
+    return sys.stdout if name == "stdout" else sys.stderr

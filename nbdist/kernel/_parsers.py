@@ -92,14 +92,22 @@ def nbdist_parser() -> _Parser:
     remote.add_argument("--mpi-args", default=None, help='extra mpiexec arguments, e.g. "--oversubscribe"')
     remote.add_argument("--connect", default=None, metavar="PROFILE_OR_FILE",
                         help="join a running ipyparallel cluster (profile name or ipcontroller-client.json)")
+    auto = sub.add_parser("auto", help="run every following cell as %%%%distributed (on | off)")
+    auto.add_argument("state", nargs="?", choices=["on", "off"], help="no state: show whether auto mode is on")
+    auto.add_argument("options", nargs=argparse.REMAINDER, help="%%%%distributed options for every cell")
+    debug = sub.add_parser("debug", help="pdb on the last failed cell's traceback, on one rank")
+    debug.add_argument("--rank", type=_non_negative_int, default=None,
+                       help="the rank to debug (default: the first rank that raised)")
     sub.add_parser("status", help="show every engine")
     sub.add_parser("stop", help="stop the pool")
     sub.add_parser("restart", help="fresh engines (engine state is lost)")
     push = sub.add_parser("push", help="copy notebook variables to every engine")
     push.add_argument("names", nargs="+")
-    pull = sub.add_parser("pull", help="copy an engine variable into the notebook")
-    pull.add_argument("name")
-    pull.add_argument("--rank", type=_non_negative_int, default=0)
+    pull = sub.add_parser("pull", help="copy engine variables into the notebook")
+    pull.add_argument("names", nargs="+", metavar="NAME")
+    where = pull.add_mutually_exclusive_group()
+    where.add_argument("--rank", type=_non_negative_int, default=0, help="the rank to copy from (default 0)")
+    where.add_argument("--all", action="store_true", help="a list with every rank's value, in rank order")
     return parser
 
 
@@ -107,8 +115,12 @@ def distributed_parser() -> _Parser:
     parser = _Parser(prog="%%distributed", description="Run the cell on every engine.")
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="torch")
     parser.add_argument("--strategy", default=None)
-    parser.add_argument("--output", choices=["rank0", "all"], default="rank0")
+    parser.add_argument("--output", choices=["rank0", "all", "grouped"], default="rank0",
+                        help="rank 0's output, every rank's prefixed [rank k], or lines all ranks printed once")
     parser.add_argument("--timeout", type=_positive_float, default=None)
+    parser.add_argument("--auto", action="store_true", help=argparse.SUPPRESS)  # set by auto mode
+    parser.add_argument("--ranks", default=None, metavar="SPEC",
+                        help="run on these ranks only: 0, 0,2, 1-3 or all (collectives are refused there)")
     parser.add_argument("--no-dashboard", action="store_true", help="no live dashboard")
     parser.add_argument("--ps", type=_positive_int, default=1,
                         help="parameter servers for --backend tensorflow --strategy ps (default 1)")

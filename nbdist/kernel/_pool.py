@@ -7,18 +7,21 @@ running cells, moving values, and the run history.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from nbdist._errors import ConfigError, PoolStateError, PoolValueError
+from nbdist._errors import ConfigError, DistributedCellError, PoolStateError, PoolValueError
 from nbdist._say import say
 from nbdist._wire import CannotLoad, CollectiveExport, Formation, unpack
 from nbdist.backends import backend_spec
 from nbdist.cluster import EngineCluster, EngineExit, EngineInfo, PoolConfig, resolve_options
 from nbdist.engine import _calls as engine_calls
+from nbdist.engine import _debug as engine_debug
+from nbdist.kernel._completion import EngineNames
 from nbdist.kernel._contain import gather_or_fail
+from nbdist.kernel._debugger import DebugRelay
 from nbdist.kernel._group import form_group, refuse_switch
 from nbdist.kernel._history import History
 from nbdist.kernel._runner import CellObserver, CellResult, CellRunner, heal
@@ -49,6 +52,10 @@ class Pool:
     def __init__(self, n: int | None = None, *, config: PoolConfig | None = None, **options: Any) -> None:
         self.config = config or resolve_options(n, **options)
         self.history = History()
+        self.names = EngineNames()
+        self.last_failed_ranks: list[int] = []
+        """The ranks that raised in the last failed cell (where `%nbdist debug` looks first)."""
+        """The engines' variables as Tab completion knows them (names, types, attributes)."""
         self._cluster: EngineCluster | None = None
         self._cells = 0
 
@@ -152,6 +159,31 @@ class Pool:
         except CannotLoad as exc:
             raise PoolValueError(str(exc)) from None
 
+    def pull_all(self, name: str) -> list[Any]:
+        """Every rank's value of `name`, in rank order."""
+        return [self.pull(name, rank=rank) for rank in range(len(self._running().views))]
+
+    def debug(self, rank: int | None = None) -> None:
+        """pdb on the traceback of the last failed cell, on `rank` (default: the first rank that
+        raised), driven from here: commands are read with `input()` and run on the engine."""
+        cluster = self._running()
+        if rank is None:
+            rank = self.last_failed_ranks[0] if self.last_failed_ranks else 0
+        if not 0 <= rank < len(cluster.views):
+            raise ConfigError(f"--rank {rank} is out of range: ranks are 0..{len(cluster.views) - 1}.")
+        ar = cluster.views[rank].apply_async(engine_debug.post_mortem)
+        relay = DebugRelay()
+        while not ar.done():
+            relay.serve(rank, ar)
+            ar.wait(0.05)
+        relay.serve(rank, ar)
+        try:
+            last = ar.get()
+        except Exception as exc:  # a RemoteError: nothing failed on that rank
+            raise PoolStateError(f"%nbdist debug: {getattr(exc, 'evalue', exc)}") from None
+        if last.strip():
+            print(last.rstrip(), flush=True)
+
     def memory(self, timeout: float = 5.0) -> list[dict[str, float]]:
         """Per rank: parameter, gradient and optimizer-state MB held (what sharding divides);
         empty for a rank that is dead or does not answer within `timeout`."""
@@ -195,13 +227,17 @@ class Pool:
         timeout: float | None = None,
         observers: Iterable[CellObserver] = (),
         line_offset: int = 0,
+        ranks: str | Sequence[int] | None = None,
     ) -> CellResult:
         """Run `source` on every rank and return rank 0's last-expression value and outputs.
 
         `ps` is the number of parameter servers for TensorFlow's `ps` strategy. `restart`
         gives the pool fresh engines first when they are joined for another backend or
-        strategy (engine state is lost, so it is never done without being asked)."""
+        strategy (engine state is lost, so it is never done without being asked). `ranks`
+        (`"0"`, `"0,2"`, `"1-3"`, `"all"` or a list) runs the cell on those ranks only; the
+        first of them gives the value."""
         cluster = self._running()
+        only = parse_ranks(ranks, len(cluster.engines))
         spec = backend_spec(backend)
         chosen = spec.strategy(strategy)
         formation = spec.formation(chosen, {"ps": ps})
@@ -211,10 +247,18 @@ class Pool:
             say(f"engines restarted to switch from {was.describe()} to {backend} --strategy {chosen.name} "
                 "(engine state was cleared).", unasked=True)
         heal(cluster)
+        if cluster.formation is None:  # fresh engines: nothing of the old ones' names is left
+            self.names.clear()
         self.ensure_backend(backend, formation)
         runner = CellRunner(cluster, output=output, observers=list(observers), history=self.history)
-        return runner.run(source, cell_id=self.next_cell_id(), backend=backend, strategy=chosen.name,
-                          timeout=timeout, line_offset=line_offset)
+        try:
+            result = runner.run(source, cell_id=self.next_cell_id(), backend=backend, strategy=chosen.name,
+                                timeout=timeout, line_offset=line_offset, only=only)
+        except DistributedCellError as exc:
+            self.last_failed_ranks = [] if exc.lost_state else exc.failed_ranks
+            raise
+        self.names.update(result.outcomes[0].names)
+        return result
 
     def summary(self) -> str:
         """One line for the user: how many engines, where, on which devices."""
@@ -232,3 +276,22 @@ class Pool:
     def __repr__(self) -> str:
         state = f"{len(self.engines)} engines, backend {self.backend}" if self.is_running else "stopped"
         return f"<nbdist.Pool {state}>"
+
+
+def parse_ranks(spec: str | Sequence[int] | None, world: int) -> list[int] | None:
+    """`0`, `0,2`, `1-3` or `all` (None: every rank) as a sorted list of ranks."""
+    if spec is None or spec == "all":
+        return None
+    chosen: set[int] = set()
+    if isinstance(spec, str):
+        for part in (p.strip() for p in spec.split(",")):
+            low, dash, high = part.partition("-")
+            if not (low.isdigit() and (not dash or high.isdigit())):
+                raise ConfigError(f"--ranks {spec!r} is not valid: use e.g. 0, 0,2, 1-3 or all.")
+            chosen.update(range(int(low), int(high if dash else low) + 1))
+    else:
+        chosen.update(int(r) for r in spec)
+    outside = sorted(r for r in chosen if not 0 <= r < world)
+    if outside or not chosen:
+        raise ConfigError(f"--ranks {spec!r}: this pool's ranks are 0..{world - 1}.")
+    return sorted(chosen)

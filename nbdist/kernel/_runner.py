@@ -21,6 +21,7 @@ from nbdist.cluster import EngineExit
 from nbdist.engine import _cell as engine_cell
 from nbdist.engine._stacks import STACK_KEY_PREFIX
 from nbdist.kernel._contain import LOST_STATE, Ranks, settle
+from nbdist.kernel._debugger import DebugRelay
 from nbdist.kernel._history import History
 from nbdist.kernel._interrupts import interrupt_flag
 from nbdist.kernel._output import OutputStream
@@ -88,18 +89,23 @@ def _listed(ranks: Sequence[int]) -> str:
     return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
 
 
-def _failure(failed: list[CellOutcome]) -> tuple[str, dict[int, str]]:
-    """Each distinct error once with the ranks that raised it; each distinct traceback once."""
+def _failure(failed: list[CellOutcome]) -> tuple[str, dict[int, str], dict[int, list[int]]]:
+    """Each distinct error once with the ranks that raised it; each distinct traceback once,
+    with every rank that raised it."""
     failed = sorted(failed, key=lambda o: o.rank)
     shown_tb: dict[int, str] = {}
+    same: dict[int, list[int]] = {}
     for o in failed:
-        if o.traceback not in shown_tb.values():
-            shown_tb[o.rank] = o.traceback
+        first = next((r for r, tb in shown_tb.items() if tb == o.traceback), None)
+        if first is None:
+            shown_tb[o.rank], same[o.rank] = o.traceback, [o.rank]
+        else:
+            same[first].append(o.rank)
     errors: dict[tuple[str, str], list[int]] = {}
     for o in failed:
         errors.setdefault((o.ename, o.evalue), []).append(o.rank)
     summary = "; ".join(f"{ename} on {_listed(ranks)}: {evalue}" for (ename, evalue), ranks in errors.items())
-    return summary, shown_tb
+    return summary, shown_tb, same
 
 
 class CellRunner:
@@ -110,16 +116,25 @@ class CellRunner:
         self.observers = list(observers)
         self.history = history
         self.store = MetricStore()
-        self._pending: list[Any] = []
+        self._pending: dict[int, Any] = {}
+        self._subset: tuple[int, ...] | None = None
+        self._debug = DebugRelay()
 
     def run(self, source: str, *, cell_id: str, backend: str, strategy: str, timeout: float | None,
-            line_offset: int = 0) -> CellResult:
+            line_offset: int = 0, only: Sequence[int] | None = None) -> CellResult:
+        """Run `source` on every rank, or on the ranks `only` names (the first of them gives the
+        value); a collective in such a cell is refused on the engines, or found in their stacks."""
         started = time.monotonic()
-        pending = [
-            view.apply_async(engine_cell.run_cell, source, cell_id, backend, strategy, rank == 0, line_offset)
-            for rank, view in enumerate(self.ranks.views)
-        ]
-        stream = OutputStream(pending, self.output)
+        views = self.ranks.views
+        chosen = list(only) if only is not None else list(range(len(views)))
+        subset = tuple(chosen) if len(chosen) < len(views) else None
+        pending = {
+            rank: views[rank].apply_async(engine_cell.run_cell, source, cell_id, backend, strategy,
+                                          rank == chosen[0], line_offset, subset)
+            for rank in chosen
+        }
+        self._subset = subset
+        stream = OutputStream(list(pending.values()), self.output, ranks=chosen)
         self.store = MetricStore(cell=cell_id)
         self._pending = pending
         for obs in self.observers:
@@ -134,11 +149,11 @@ class CellRunner:
                 self.history.extend(self.store.records)
             for obs in self.observers:
                 obs.cell_finished(ok)
-        rank0 = outcomes[0]
-        value = shown(rank0.value, "the cell's last value")
-        return CellResult(value, outcomes, time.monotonic() - started, rank0.display)
+        first = outcomes[0]
+        value = shown(first.value, "the cell's last value")
+        return CellResult(value, outcomes, time.monotonic() - started, first.display)
 
-    def _watch(self, pending: list[Any], stream: OutputStream, started: float,
+    def _watch(self, pending: dict[int, Any], stream: OutputStream, started: float,
                timeout: float | None) -> list[CellOutcome]:
         ranks = self.ranks
         first_failure: float | None = None
@@ -149,7 +164,7 @@ class CellRunner:
         with interrupt_flag() as interrupted:
             try:
                 while True:
-                    waiting = [ar for ar in pending if not ar.done()]
+                    waiting = [ar for ar in pending.values() if not ar.done()]
                     if waiting:
                         futures.wait(waiting, timeout=POLL_SECONDS, return_when=futures.FIRST_COMPLETED)
                     if interrupted.is_set():
@@ -157,10 +172,13 @@ class CellRunner:
                     if not ranks.running:
                         raise DistributedCellError(STOPPED, {})
                     stream.pump()
+                    for rank, ar in pending.items():
+                        if self._debug.serve(rank, ar):
+                            stream.pump()
                     self._collect()
                     for obs in self.observers:
                         obs.cell_polled()
-                    done = {rank: _outcome(ar, rank) for rank, ar in enumerate(pending) if ar.done()}
+                    done = {rank: _outcome(ar, rank) for rank, ar in pending.items() if ar.done()}
                     # Checked before "all done": ipyparallel may fail a dead engine's task at once,
                     # and the cell must still be reported as an engine death, with recovery.
                     exits = ranks.exits()
@@ -176,14 +194,17 @@ class CellRunner:
                     if first_failure is not None and now - first_failure > ranks.grace and now >= next_look:
                         computing = self._after_failure(pending, stream, failed, computing)
                         next_look = time.monotonic() + LOOK_SECONDS
+                    elif self._subset is not None and now - started > ranks.grace and now >= next_look:
+                        self._check_subset(pending, stream)
+                        next_look = time.monotonic() + LOOK_SECONDS
                     if timeout is not None and now - started > timeout:
                         raise self._stop(pending, stream, f"The cell timed out after {timeout:g} s.")
             except KeyboardInterrupt:
                 raise self._stop(pending, stream, "The cell was interrupted.") from None
-        for ar in pending:
+        for ar in pending.values():
             ar.wait_for_output(timeout=1.0)
         stream.pump(final=True)
-        outcomes = [_outcome(ar, rank) for rank, ar in enumerate(pending)]
+        outcomes = [_outcome(ar, rank) for rank, ar in pending.items()]
         failed = [o for o in outcomes if not o.ok]
         if any(o.ename == ENGINE_DIED for o in failed):
             # ipyparallel failed a task because its engine died; the controller's word of it
@@ -192,30 +213,31 @@ class CellRunner:
             if exits:
                 raise self._engine_died(exits, {o.rank: o for o in outcomes})
         if failed:
-            summary, tracebacks = _failure(failed)
+            summary, tracebacks, same = _failure(failed)
             finished = [r for r in computing if r not in {o.rank for o in failed}]
             if finished:
                 summary += f"\n{_listed(finished).capitalize()} kept computing after the failure and finished."
-            raise settle(ranks, f"{summary}\n", tracebacks, kept=KEPT)
+            raise settle(ranks, f"{summary}\n", tracebacks, kept=KEPT, same=same)
         return outcomes
 
-    def _after_failure(self, pending: list[Any], stream: OutputStream, failed: list[CellOutcome],
+    def _after_failure(self, pending: dict[int, Any], stream: OutputStream, failed: list[CellOutcome],
                        before: dict[int, Where | None]) -> dict[int, Where | None]:
         """Stop the ranks that wait in a collective for a failed rank (they never finish);
         return those still computing, to look at again."""
-        running = [r for r, ar in enumerate(pending) if not ar.done()]
+        running = [r for r, ar in pending.items() if not ar.done()]
         where = self._where(pending, running)
         stuck = [r for r in running if _stuck(where.get(r), before.get(r, _UNSEEN))]
         if not stuck:
             return {r: where.get(r) for r in running}
         stream.pump(final=True)
-        summary, tracebacks = _failure(failed)
+        summary, tracebacks, same = _failure(failed)
         lines = [_describe(r, where.get(r)) for r in stuck]
         verb = "was" if len(stuck) == 1 else "were"
         raise settle(ranks=self.ranks, summary=f"{summary}\n{'; '.join(lines)}: waiting for the failed rank, "
-                     f"{'it' if len(stuck) == 1 else 'they'} {verb} stopped.", tracebacks=tracebacks, stuck=stuck)
+                     f"{'it' if len(stuck) == 1 else 'they'} {verb} stopped.", tracebacks=tracebacks, stuck=stuck,
+                     same=same)
 
-    def _where(self, pending: list[Any], ranks: Sequence[int]) -> dict[int, Where | None]:
+    def _where(self, pending: dict[int, Any], ranks: Sequence[int]) -> dict[int, Where | None]:
         """Each rank's place, from a stack dump it publishes into its running cell's data."""
         if not ranks:
             return {}
@@ -231,8 +253,21 @@ class CellRunner:
                     dumps[r] = str(pending[r].metadata["data"][new[-1]])
         return {r: parse(dumps[r]) if r in dumps else None for r in ranks}
 
+    def _check_subset(self, pending: dict[int, Any], stream: OutputStream) -> None:
+        """A cell on some ranks that waits in a collective waits for ranks that never join it."""
+        running = [r for r, ar in pending.items() if not ar.done()]
+        where = self._where(pending, running)
+        stuck = [r for r in running if (w := where.get(r)) is not None and w.in_collective]
+        if stuck:
+            stream.pump(final=True)
+            assert self._subset is not None
+            lines = "; ".join(_describe(r, where.get(r)) for r in stuck)
+            raise settle(self.ranks, f"{lines}: a collective in a cell that runs on {_listed(self._subset)} only "
+                         "waits for ranks that do not run it. Run collectives on every rank (leave out --ranks).",
+                         {}, stuck=stuck)
+
     def _collect(self) -> None:
-        for rank, ar in enumerate(self._pending):
+        for rank, ar in self._pending.items():
             self.store.ingest(rank, ar.metadata.get("data") or {})
 
     def _engine_died(self, exits: list[EngineExit], done: dict[int, CellOutcome]) -> DistributedCellError:
@@ -241,13 +276,13 @@ class CellRunner:
         return settle(self.ranks, f"EngineDied: {'; '.join(x.describe() for x in exits)}.\n", tracebacks,
                       exits=exits)
 
-    def _stop(self, pending: list[Any], stream: OutputStream, reason: str) -> DistributedCellError:
+    def _stop(self, pending: dict[int, Any], stream: OutputStream, reason: str) -> DistributedCellError:
         """Interrupt every rank still running; if any cannot stop (a gloo collective ignores
         SIGINT), free it by restarting the pool. The message says where each rank was."""
         ranks = self.ranks
         if not ranks.running:
             return DistributedCellError(f"{reason} {STOPPED}", {})
-        running = [rank for rank, ar in enumerate(pending) if not ar.done()]
+        running = [rank for rank, ar in pending.items() if not ar.done()]
         where = self._where(pending, running)
         if running:
             reason += f" Where the ranks were: {'; '.join(_describe(r, where.get(r)) for r in running)}."
@@ -256,7 +291,7 @@ class CellRunner:
         stream.pump(final=True)
         still = [r for r in running if not pending[r].done()]
         tracebacks = {}
-        for rank, ar in enumerate(pending):
+        for rank, ar in pending.items():
             if ar.done():
                 outcome = _outcome(ar, rank)
                 if not outcome.ok and not outcome.interrupted:

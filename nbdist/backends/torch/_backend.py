@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -56,6 +57,11 @@ class TorchBackend(Backend):
         from nbdist.backends.torch._memory import memory
 
         return memory(namespace)
+
+    def only_ranks(self, ranks: tuple[int, ...]) -> AbstractContextManager[None]:
+        from nbdist.backends.torch._subset import only_ranks
+
+        return only_ranks(ranks)
 
     def describe_device(self, info: RankInfo) -> str:
         return f"cuda:{info.gpu}" if info.gpu is not None else f"cpu ({info.threads} threads)"
