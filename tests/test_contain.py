@@ -133,3 +133,21 @@ def test_a_setup_call_that_hangs_on_one_rank_frees_the_pool() -> None:
     for f in ok:
         f.set_result(7)
     assert gather_or_fail(ranks, ok, what="x", timeout=1) == [7, 7] and ranks.recovered == 1
+
+
+def test_grouped_output_waits_for_a_finished_ranks_late_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    """A request can be done before its last output arrives: until the cell ends, a rank's
+    silence is not taken for the end of its output."""
+    from nbdist.kernel._output import OutputStream
+
+    first, second = FakeResult(), FakeResult()
+    stream = OutputStream([first, second], "grouped")
+    first.metadata["stdout"] = "epoch starts\nmine is 0\n"
+    first.set_result(None)
+    second.set_result(None)  # done, its output still on the way
+    stream.pump()
+    assert capsys.readouterr().out == ""
+    second.metadata["stdout"] = "epoch starts\nmine is 1\n"
+    stream.pump()
+    stream.pump(final=True)
+    assert capsys.readouterr().out == "[all ranks] epoch starts\n[rank 0] mine is 0\n[rank 1] mine is 1\n"

@@ -25,6 +25,11 @@ class Ran:
     prompts: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
+    @property
+    def problem(self) -> str:
+        """What the user reads of a failure: the error, or a UsageError (printed to stderr)."""
+        return self.error + self.stderr
+
 
 @pytest.fixture(scope="module")
 def kc() -> Iterator[BlockingKernelClient]:
@@ -74,9 +79,9 @@ def test_a_cell_runs_on_the_named_ranks_only(kc: BlockingKernelClient) -> None:
     assert ran.value == "1"  # the first named rank gives the value
     assert execute(kc, "%nbdist pull marked --rank 1").ok
     missing = execute(kc, "%nbdist pull marked --rank 0")
-    assert not missing.ok and "marked" in missing.error  # rank 0 never ran it
+    assert not missing.ok and "marked" in missing.problem  # rank 0 never ran it
     bad = execute(kc, "%%distributed --ranks 0-5\n1")
-    assert not bad.ok and "this pool's ranks are 0..1" in bad.error
+    assert not bad.ok and "this pool's ranks are 0..1" in bad.problem
 
 
 def test_a_collective_in_a_rank_subset_cell_fails_within_seconds(kc: BlockingKernelClient) -> None:
@@ -84,14 +89,14 @@ def test_a_collective_in_a_rank_subset_cell_fails_within_seconds(kc: BlockingKer
     ran = execute(kc, "%%distributed --ranks 0 --no-dashboard\nimport torch, torch.distributed as dist\n"
                       "dist.all_reduce(torch.ones(1))")
     assert not ran.ok and ran.seconds < 10
-    assert "all_reduce is a collective: in a cell that runs on rank 0 only, it would wait forever" in ran.error
+    assert "all_reduce is a collective: in a cell that runs on rank 0 only, it would wait forever" in ran.problem
     assert execute(kc, "%%distributed --no-dashboard\nassert kept == 3").ok  # nothing was lost
     # A collective reached another way (not through torch.distributed's names) is found in the
     # rank's stack: the engines are replaced, and the message says why.
     ran = execute(kc, "%%distributed --ranks 0 --no-dashboard\nimport torch\n"
                       "from torch.distributed import distributed_c10d as c10d\nc10d.all_reduce(torch.ones(1))")
     assert not ran.ok and ran.seconds < 20
-    assert "rank 0 was in all_reduce at cell line 4: a collective in a cell that runs on rank 0 only" in ran.error
+    assert "rank 0 was in all_reduce at cell line 4: a collective in a cell that runs on rank 0 only" in ran.problem
 
 
 def test_auto_mode_runs_plain_cells_on_every_rank(kc: BlockingKernelClient) -> None:
@@ -124,8 +129,8 @@ def test_grouped_output_shows_identical_lines_once(kc: BlockingKernelClient) -> 
     assert "[rank 0] rank is 0" in ran.stdout and "[rank 1] rank is 1" in ran.stdout
     assert "[all ranks] end" in ran.stdout
     failed = execute(kc, "%%distributed --no-dashboard\nraise ValueError('on both')")
-    assert "ValueError on ranks 0, 1: on both" in failed.error
-    assert "---- ranks 0, 1 (the same error) ----" in failed.error and failed.error.count("Traceback") == 1
+    assert "ValueError on ranks 0, 1: on both" in failed.problem
+    assert "---- ranks 0, 1 (the same error) ----" in failed.problem and failed.problem.count("Traceback") == 1
 
 
 def test_pull_and_push_several_names_and_every_rank(kc: BlockingKernelClient) -> None:

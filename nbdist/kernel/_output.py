@@ -4,7 +4,7 @@ Three ways to show them: rank 0's alone (`rank0`); every rank's lines prefixed `
 (`all`); or `grouped`, where a line every rank printed the same is shown once as
 `[all ranks] ...` and only lines that differ are shown per rank. Grouped lines are matched by
 their position in each rank's stream, and shown once every rank has printed that line (or
-has finished)."""
+the cell has ended)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,9 @@ class OutputStream:
 
     def _emit_grouped(self, name: str, final: bool) -> None:
         per_rank = self._lines[name]
-        done = [final or self._pending[i].done() for i in range(len(per_rank))]
+        # Only the final pump (after every rank's output has arrived) may take a rank's silence
+        # for its end: a finished request's last lines can still be on their way.
+        done = [final] * len(per_rank)
         out: list[str] = []
         i = self._grouped_upto[name]
         while True:
