@@ -29,4 +29,4 @@ def waited(asked: float, seconds: float) -> str:
     """`60 s`, or `150 s (60 s asked, stretched for this machine's load)`."""
     if seconds <= asked * 1.01:
         return f"{asked:g} s"
-    return f"{seconds:.0f} s ({asked:g} s asked, stretched for this machine's load)"
+    return f"{seconds:.3g} s ({asked:g} s asked, stretched for this machine's load)"
