@@ -67,22 +67,12 @@ def resolve_options(
     start_timeout: float = 60.0,
     grace: float = 2.0,
     preload: str | None = None,
-    launcher: str | None = None,
-    hosts: str | None = None,
-    hosts_file: str | None = None,
-    python: str | None = None,
-    ssh_args: str | None = None,
-    interface: str | None = None,
-    partition: str | None = None,
-    account: str | None = None,
-    time: str | None = None,
-    mpi_args: str | None = None,
-    connect: str | None = None,
+    **launch: str | None,
 ) -> PoolConfig:
-    """Every option a user can give a pool, checked together: the words of `%nbdist start`."""
-    plan = make_plan(launcher, hosts=hosts, hosts_file=hosts_file, python=python, ssh_args=ssh_args,
-                     interface=interface, partition=partition, account=account, time=time, mpi_args=mpi_args,
-                     connect=connect)
+    """Every option a user can give a pool, checked together: the words of `%nbdist start`.
+    `launch` are `make_plan`'s (launcher, hosts, hosts_file, python, ssh_args, interface,
+    partition, account, time, mpi_args, connect)."""
+    plan = make_plan(launch.pop("launcher", None), **launch)
     return resolve_config(n, gpus, start_timeout=start_timeout, grace=grace, gpus_per_engine=gpus_per_engine,
                           launch=plan, preload=preload)
 
