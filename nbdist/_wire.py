@@ -198,9 +198,13 @@ def unpack(packed: Any, what: str) -> Any:
     try:
         return pickle.loads(packed.data)
     except Exception as exc:  # noqa: BLE001 - any failure to load is the same problem for the user
-        fix = (f"import {packed.module} in the notebook first (it must be importable here too), or pull a "
-               "plain value (a number, list, array or tensor)") if packed.module not in ("", "builtins") else \
-            "pull a plain value (a number, list, array or tensor)"
+        import importlib.util
+
+        top = packed.module.split(".")[0]
+        missing = top not in ("", "builtins") and importlib.util.find_spec(top) is None
+        fix = (f"import {packed.module} in the notebook first (it must be importable here too), or pull a plain "
+               "value (a number, list, array or tensor)") if missing else \
+            "this type cannot be re-created outside its process: pull a plain value computed from it"
         raise CannotLoad(f"{what} is a {packed.type_name}, which the notebook cannot load "
                          f"({type(exc).__name__}: {exc}): {fix}. On the engine it is {packed.text}") from None
 
