@@ -209,11 +209,35 @@ def unpack(packed: Any, what: str) -> Any:
                          f"({type(exc).__name__}: {exc}): {fix}. On the engine it is {packed.text}") from None
 
 
+PLAIN_TYPES = (int, float, complex, bool, str, bytes, type(None))
+PLAIN_ARRAYS = {"numpy.ndarray", "torch.Tensor", "torch.nn.parameter.Parameter", "pandas.DataFrame",
+                "pandas.Series", "pandas.core.frame.DataFrame", "pandas.core.series.Series"}
+
+
+def plain(value: Any, depth: int = 0) -> bool:
+    """Whether pickling `value` can only copy data. Anything else may run code of its own when
+    pickled: a Keras `History` reads a SyncOnRead variable, which starts a collective that only
+    the rank showing the value joins, and the cell hangs."""
+    if isinstance(value, PLAIN_TYPES):
+        return True
+    kind = type(value)
+    if f"{kind.__module__}.{kind.__qualname__}" in PLAIN_ARRAYS or kind.__module__ == "numpy":
+        return True
+    if depth < 3 and isinstance(value, (list, tuple, set, frozenset)) and len(value) <= 10_000:
+        return all(plain(v, depth + 1) for v in value)
+    if depth < 3 and isinstance(value, dict) and len(value) <= 10_000:
+        return all(plain(k, depth + 1) and plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
 def portable(value: Any, shell: Any) -> tuple[Any, dict[str, Any] | None]:
-    """A last value as it travels: packed, with its rich display where it cannot be."""
-    packed = pack(value)
-    if isinstance(packed, Packed):
-        return packed, None
+    """A last value as it travels: plain data packed; anything else only as its display, built
+    here on the engine, since pickling an arbitrary object may run a collective (see `plain`).
+    The object itself stays on the engine, where `%nbdist pull` takes it on purpose."""
+    if plain(value):
+        packed = pack(value)
+        if isinstance(packed, Packed):
+            return packed, None
     data, _ = shell.display_formatter.format(value)
     return RemoteValue(data), data
 

@@ -114,7 +114,23 @@ def unwrap(value: Any) -> Any:
         on_cpu = all(p.device.type == "cpu" for p in value.parameters())
         if not on_cpu:
             value = copy.deepcopy(value).cpu()
+        if any(isinstance(m, _GroupBatchNorm) for m in value.modules()):
+            value = _plain_batchnorm(value if not on_cpu else copy.deepcopy(value))
     return value
+
+
+def _plain_batchnorm(module: nn.Module) -> nn.Module:
+    """The model with each all-reducing batch norm back as the plain layer it replaced (in
+    place: called on a copy), so a pulled model runs in one process without nbdist."""
+    if isinstance(module, _GroupBatchNorm):
+        plain = module.plain_type(module.num_features, module.eps, module.momentum, module.affine,
+                                  module.track_running_stats)
+        plain.load_state_dict(module.state_dict())
+        plain.train(module.training)
+        return plain
+    for name, child in module.named_children():
+        module.add_module(name, _plain_batchnorm(child))
+    return module
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -138,6 +154,9 @@ class _GroupBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch norm over the global batch for CPU (gloo) ranks, where torch's `SyncBatchNorm`
     refuses to run: per-channel sum, sum of squares and count are all-reduced with autograd
     (so the backward pass is synchronised too), then the batch is normalised with them."""
+
+    plain_type: type[nn.modules.batchnorm._BatchNorm] = nn.BatchNorm2d
+    """The layer it replaced, given back when the model is pulled."""
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -178,6 +197,8 @@ def sync_batchnorm(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, _GroupBatchNorm):
         converted = _GroupBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                     module.track_running_stats)
+        if not isinstance(module, nn.SyncBatchNorm):
+            converted.plain_type = type(module)
         if module.affine:
             with torch.no_grad():
                 converted.weight.copy_(module.weight)

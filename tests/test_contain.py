@@ -140,16 +140,18 @@ def test_a_setup_call_that_hangs_on_one_rank_frees_the_pool() -> None:
 def test_grouped_output_waits_for_a_finished_ranks_late_lines(capsys: pytest.CaptureFixture[str]) -> None:
     """A request can be done before its last output arrives: until the cell ends, a rank's
     silence is not taken for the end of its output."""
+    from nbdist.cluster import Outputs
     from nbdist.kernel._output import OutputStream
 
     first, second = FakeResult(), FakeResult()
-    stream = OutputStream([first, second], "grouped")
-    first.metadata["stdout"] = "epoch starts\nmine is 0\n"
+    printed = [Outputs(), Outputs()]
+    stream = OutputStream([first, second], "grouped", outputs=printed)
+    printed[0].stdout.append("epoch starts\nmine is 0\n")
     first.set_result(None)
     second.set_result(None)  # done, its output still on the way
     stream.pump()
     assert capsys.readouterr().out == ""
-    second.metadata["stdout"] = "epoch starts\nmine is 1\n"
+    printed[1].stdout.extend(["epoch starts\nmine", " is 1\n"])
     stream.pump()
     stream.pump(final=True)
     assert capsys.readouterr().out == "[all ranks] epoch starts\n[rank 0] mine is 0\n[rank 1] mine is 1\n"

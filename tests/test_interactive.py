@@ -3,73 +3,11 @@ on a real 2-engine pool: rank subsets, auto mode, completion, grouped output, th
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
-
 import pytest
+from _kernel import execute
 from jupyter_client.blocking.client import BlockingKernelClient
-from jupyter_client.manager import start_new_kernel
 
 pytestmark = pytest.mark.integration
-
-
-@dataclass
-class Ran:
-    ok: bool
-    stdout: str = ""
-    stderr: str = ""
-    error: str = ""
-    value: str = ""
-    prompts: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def problem(self) -> str:
-        """What the user reads of a failure: the error, or a UsageError (printed to stderr)."""
-        return self.error + self.stderr
-
-
-@pytest.fixture(scope="module")
-def kc() -> Iterator[BlockingKernelClient]:
-    km, client = start_new_kernel(kernel_name="python3")
-    try:
-        assert execute(client, "%load_ext nbdist\n%nbdist start -n 2 --gpus none").ok
-        yield client
-    finally:
-        execute(client, "%nbdist stop")
-        client.stop_channels()
-        km.shutdown_kernel(now=False)
-
-
-def execute(kc: BlockingKernelClient, code: str, answers: list[str] | None = None) -> Ran:
-    """Run a cell as the notebook does; answer input() prompts from `answers`, in order."""
-    ran = Ran(ok=False)
-    pending = list(answers or [])
-
-    def output(msg: dict[str, Any]) -> None:
-        kind, content = msg["msg_type"], msg["content"]
-        if kind == "stream":
-            if content["name"] == "stdout":
-                ran.stdout += content["text"]
-            else:
-                ran.stderr += content["text"]
-        elif kind == "error":
-            ran.error += "\n".join(content["traceback"])
-        elif kind == "execute_result":
-            ran.value = content["data"].get("text/plain", "")
-
-    def stdin(msg: dict[str, Any]) -> None:
-        ran.prompts.append(msg["content"]["prompt"])
-        kc.input(pending.pop(0) if pending else "q")
-
-    started = time.monotonic()
-    reply = kc.execute_interactive(code, timeout=120, output_hook=output, stdin_hook=stdin,
-                                   allow_stdin=True)
-    ran.seconds = time.monotonic() - started
-    ran.ok = reply["content"]["status"] == "ok"
-    return ran
 
 
 def test_a_cell_runs_on_the_named_ranks_only(kc: BlockingKernelClient) -> None:

@@ -32,13 +32,16 @@ from nbdist.cluster._adopt import EngineInfo, adopt
 from nbdist.cluster._config import PoolConfig
 from nbdist.cluster._exits import RUNNING, EngineExit, await_exit, exit_status
 from nbdist.cluster._internals import (
+    POOL_VARIABLE,
     client_controller_ip,
+    end_engine_descendants,
     launch_failure,
     owner_only,
     reap_stragglers,
     registration_port,
 )
 from nbdist.cluster._launch import controller_address, engine_launcher_config
+from nbdist.cluster._streams import tap
 from nbdist.engine._context import THREAD_VARIABLES
 from nbdist.engine._stacks import STACK_SIGNAL
 
@@ -134,6 +137,7 @@ class EngineCluster:
                 # start (and import) while the controller is still coming up.
                 self._start_engine_processes()
             self._client = cluster.connect_client_sync()
+            tap(self._client)  # before any request, so no piece of output reaches the old handler
             owner_only(cluster)
             if plan.remote:
                 self._start_engine_processes()
@@ -160,6 +164,7 @@ class EngineCluster:
                 "ipcontroller-client.json file (from `ipcluster start` or `ipcontroller`)."
             ) from exc
         self._client, self._joined = client, True
+        tap(client)
         self.controller_ip = client_controller_ip(client)
         try:
             ids = self._wait_for_new_engines(set(), max(self.config.n, 1))
@@ -173,7 +178,9 @@ class EngineCluster:
         assert cluster is not None
         threads = str(cfg.threads_per_engine or 1)
         try:
-            cluster.start_engines_sync(cfg.n, environment={name: threads for name in THREAD_VARIABLES})
+            environment = {name: threads for name in THREAD_VARIABLES}
+            environment[POOL_VARIABLE] = cluster.cluster_id  # inherited by whatever an engine starts
+            cluster.start_engines_sync(cfg.n, environment=environment)
         except Exception as exc:
             raise PoolStartError(launch_failure(cfg, cluster, exc)) from exc
 
@@ -276,6 +283,7 @@ class EngineCluster:
             except psutil.NoSuchProcess:
                 pass
         cluster.stop_engines_sync()
+        end_engine_descendants(cluster.cluster_id)
         self._deadline = time.monotonic() + patience(self.config.start_timeout)
         self._start_engine_processes()
         self._adopt(self._wait_for_new_engines(known, self.config.n))
@@ -297,6 +305,7 @@ class EngineCluster:
                 say(f"stopping the cluster: {exc}", unasked=True)
             finally:
                 reap_stragglers(cluster)
+                end_engine_descendants(cluster.cluster_id)
 
     # -- watching ------------------------------------------------------------------------------
 

@@ -61,6 +61,11 @@ def _exit_with_owner(owner: str) -> None:
             child.kill()
         except psutil.NoSuchProcess:
             pass
+    pool = os.environ.get("NBDIST_POOL")
+    if pool:  # also what this pool's engines started and left behind when they died before
+        from nbdist.cluster._internals import end_engine_descendants
+
+        end_engine_descendants(pool)
     os._exit(3)
 
 

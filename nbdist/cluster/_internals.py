@@ -58,6 +58,27 @@ def launch_failure(cfg: PoolConfig, cluster: ipp.Cluster, exc: Exception) -> str
     return f"the {plan.launcher} launcher could not start the engines: {exc}"
 
 
+POOL_VARIABLE = "NBDIST_POOL"
+"""Set in each engine's environment: every process an engine starts (a DataLoader worker, a
+fork inside a cell, Lightning's own launcher) inherits it, even once its engine has died and
+it was handed to init, so the pool can find and end it."""
+
+
+def end_engine_descendants(pool_id: str) -> None:
+    """Kill every process on this host that an engine of the pool `pool_id` started (the
+    engines themselves are stopped by ipyparallel first). Processes of other users, and ones
+    whose environment cannot be read, are left alone."""
+    me = os.getpid()
+    for process in psutil.process_iter(["pid"]):
+        if process.pid == me:
+            continue
+        try:
+            if process.environ().get(POOL_VARIABLE) == pool_id:
+                process.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            pass
+
+
 def reap_stragglers(cluster: ipp.Cluster) -> None:
     """Kill any engine or controller process a failed stop left behind (tracked PIDs only)."""
     handles: list[Any] = []

@@ -85,12 +85,13 @@ def run_cell(
             rank=rank,
             ok=False,
             ename=type(exc).__name__,
-            evalue=str(exc),
+            evalue=_with_hint(exc),
             traceback=_format_failure(exc, filename),
             interrupted=isinstance(exc, KeyboardInterrupt),
             seconds=time.perf_counter() - started,
         )
     _end_metrics(sampler, reporter)
+    _show_figures()
     _flush_streams()
     close_channels()
     display = None
@@ -102,10 +103,41 @@ def run_cell(
                        names=_names.changes(ns) if want_value else None)
 
 
+HINTS = (
+    (("SyncBatchNorm", "GPU"),
+     "nn.SyncBatchNorm runs on GPUs only. On CPU ranks, nbdist.torch.sync_batchnorm(model) normalises over the "
+     "global batch (in a cell, nn.SyncBatchNorm.convert_sync_batchnorm(model) gives the same)."),
+)
+"""(words all in the error, the fix): errors whose own message does not say what to do here."""
+
+
+def _with_hint(exc: BaseException) -> str:
+    text = str(exc)
+    for words, fix in HINTS:
+        if all(word in text for word in words):
+            return f"{text} [{fix}]"
+    return text
+
+
 def _end_metrics(sampler: LoadSampler, reporter: _metrics.Reporter) -> None:
     sampler.stop()
     _metrics.activate(None)
     reporter.flush()
+
+
+def _show_figures() -> None:
+    """Figures the cell drew without `plt.show()` are shown at its end, as the inline backend
+    does after a cell in a one-process notebook."""
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is None or "inline" not in str(plt.get_backend()):
+        return
+    from IPython.display import display
+
+    try:
+        for number in plt.get_fignums():
+            display(plt.figure(number))
+    finally:
+        plt.close("all")
 
 
 def _flush_streams() -> None:

@@ -57,8 +57,10 @@ def pin(gpu: str | None, threads: int, slot: int | None = None, slots: int = 1) 
     `slot` of `slots` (the engine's place among those on its host) also gives the engine its
     own block of `threads` cores, where the blocks do not overlap; a strategy then decides
     which of the rank's threads run on it (`place_threads`)."""
+    from nbdist.engine._compat import act_as_worker
     from nbdist.engine._stacks import arm
 
+    act_as_worker()
     arm()  # from now on the kernel can see where this engine is, even while it is blocked
     if slot is not None:
         _CONTEXT.cores = _core_block(threads, slot, slots)

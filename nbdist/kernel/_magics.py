@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 
 from nbdist._errors import DistributedCellError, NbdistError
 from nbdist._say import say
@@ -152,21 +152,25 @@ class NbdistMagics(Magics):
         self._ns.update(values)
         return values[args.names[0]] if len(values) == 1 else None
 
-    @cell_magic("distributed")  # type: ignore[arg-type]
-    def distributed(self, line: str, cell: str) -> Any:
-        """Run the cell on every engine, with the process group formed."""
-        args = parse(distributed_parser(), line)
+    @line_cell_magic("distributed")  # type: ignore[arg-type]
+    def distributed(self, line: str, cell: str | None = None) -> Any:
+        """Run the cell on every engine, with the process group formed; as a line
+        (`%distributed train.py --epochs 3`), run a script file there as torchrun does."""
+        args = parse(distributed_parser(script=cell is None), line)
         if args is None:
             return None
         pool = self._require_pool()
         if args.auto:
             print("[nbdist auto]", file=sys.stderr, flush=True)  # the marker of a cell auto mode sent
+        options: dict[str, Any] = dict(
+            backend=args.backend, strategy=args.strategy, ps=args.ps, restart=args.restart, output=args.output,
+            timeout=args.timeout, ranks=args.ranks, observers=[] if args.no_dashboard else [self.dashboard],
+        )
         try:
-            result = pool.run(
-                cell, backend=args.backend, strategy=args.strategy, ps=args.ps, restart=args.restart,
-                output=args.output, timeout=args.timeout, line_offset=1, ranks=args.ranks,
-                observers=[] if args.no_dashboard else [self.dashboard],
-            )
+            if cell is None:
+                result = pool.run_script(args.script, args.args, **options)
+            else:
+                result = pool.run(cell, line_offset=1, **options)
         except DistributedCellError:
             raise
         except NbdistError as exc:

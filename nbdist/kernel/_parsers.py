@@ -109,8 +109,12 @@ def nbdist_parser() -> _Parser:
     return parser
 
 
-def distributed_parser() -> _Parser:
-    parser = _Parser(prog="%%distributed", description="Run the cell on every engine.")
+def distributed_parser(script: bool = False) -> _Parser:
+    """`%%distributed`'s options; with `script`, the line form's: the options, then a script
+    file and its own command line (`%distributed train.py --epochs 3`)."""
+    parser = _Parser(prog="%distributed" if script else "%%distributed",
+                     description="Run a script file on every engine, as torchrun does." if script
+                     else "Run the cell on every engine.")
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="torch")
     parser.add_argument("--strategy", default=None)
     parser.add_argument("--output", choices=["rank0", "all", "grouped"], default="rank0",
@@ -124,6 +128,9 @@ def distributed_parser() -> _Parser:
                         help="parameter servers for --backend tensorflow --strategy ps (default 1)")
     parser.add_argument("--restart", action="store_true",
                         help="give the pool fresh engines first if they serve another backend or strategy")
+    if script:
+        parser.add_argument("script", help="the Python file to run as __main__ on every rank")
+        parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments (its sys.argv[1:])")
     return parser
 
 

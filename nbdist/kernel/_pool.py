@@ -7,6 +7,7 @@ running cells, moving values, and the run history.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -259,6 +260,18 @@ class Pool:
             raise
         self.names.update(result.outcomes[0].names)
         return result
+
+    def run_script(self, path: str, args: Sequence[str] = (), **options: Any) -> CellResult:
+        """Run a script file on every rank as torchrun does: as `__main__`, with `sys.argv` set
+        to `[path, *args]` and torchrun's variables in the environment. `options` are `run`'s.
+        The path is read as the notebook sees it; every engine's host must have the file there."""
+        full = os.path.abspath(os.path.expanduser(path))
+        if not os.path.isfile(full):
+            raise ConfigError(f"no script {path!r} (looked for {full}): give the path of a Python file, relative to "
+                              f"the notebook's folder {os.getcwd()} or absolute.")
+        source = (f"__import__('nbdist.engine._script', fromlist=['run_script']).run_script({full!r}, "
+                  f"{list(args)!r})")
+        return self.run(source, **options)
 
     def summary(self) -> str:
         """One line for the user: how many engines, where, on which devices."""

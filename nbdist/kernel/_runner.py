@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from nbdist._errors import DistributedCellError
 from nbdist._say import say
 from nbdist._wire import CellOutcome, remote_traceback, shown
-from nbdist.cluster import EngineExit
+from nbdist.cluster import EngineExit, forget_outputs
 from nbdist.engine import _cell as engine_cell
 from nbdist.engine._stacks import STACK_KEY_PREFIX
 from nbdist.kernel._contain import LOST_STATE, Ranks, settle
@@ -119,6 +119,7 @@ class CellRunner:
         self._pending: dict[int, Any] = {}
         self._subset: tuple[int, ...] | None = None
         self._debug = DebugRelay()
+        self._backend = ""
 
     def run(self, source: str, *, cell_id: str, backend: str, strategy: str, timeout: float | None,
             line_offset: int = 0, only: Sequence[int] | None = None) -> CellResult:
@@ -134,6 +135,7 @@ class CellRunner:
             for rank in chosen
         }
         self._subset = subset
+        self._backend = backend
         stream = OutputStream(list(pending.values()), self.output, ranks=chosen)
         self.store = MetricStore(cell=cell_id)
         self._pending = pending
@@ -145,6 +147,8 @@ class CellRunner:
             ok = True
         finally:
             self._collect()
+            for ar in pending.values():
+                forget_outputs(ar)
             if self.history is not None:
                 self.history.extend(self.store.records)
             for obs in self.observers:
@@ -290,6 +294,12 @@ class CellRunner:
         futures.wait([pending[r] for r in running], timeout=ranks.grace)
         stream.pump(final=True)
         still = [r for r in running if not pending[r].done()]
+        broken = [r for r in running
+                  if r not in still and self._backend == "tensorflow" and _in_tensorflow(where.get(r))]
+        if broken:
+            reason += (f" {_listed(broken).capitalize()} stopped inside TensorFlow, whose collectives cannot resume "
+                       "after an interrupt (the next one fails with 'Collective instance ... expected type'), so the "
+                       "engines were replaced.")
         tracebacks = {}
         for rank, ar in pending.items():
             if ar.done():
@@ -299,7 +309,7 @@ class CellRunner:
         exits = ranks.exits()
         if still:
             reason += f" Ranks {', '.join(map(str, still))} did not stop (blocked in a collective) and were killed."
-        return settle(ranks, reason, tracebacks, stuck=still, exits=exits,
+        return settle(ranks, reason, tracebacks, stuck=still + broken, exits=exits,
                       kept="Every rank stopped; engine state is kept and the pool is ready.")
 
 
@@ -319,6 +329,12 @@ def _stuck(now: Where | None, before: Any) -> bool:
     if now.in_collective:
         return True
     return isinstance(before, type(now)) and before.frames == now.frames and now.in_framework
+
+
+def _in_tensorflow(where: Where | None) -> bool:
+    """Whether a rank was inside TensorFlow or its Keras (a `fit`, a step function) when stopped."""
+    return where is not None and any(part in frame for frame in where.frames
+                                     for part in ("/tensorflow/", "/tf_keras/", "/keras/"))
 
 
 def _describe(rank: int, where: Where | None) -> str:

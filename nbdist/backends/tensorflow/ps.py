@@ -63,6 +63,9 @@ class ParameterServer(TFStrategy):
         cluster = spec.as_dict()
         _wait_for(list(cluster["worker"]) + list(cluster["ps"]))
         strategy = tf.distribute.ParameterServerStrategy(resolver)
+        # The property reads the resolver from `extended`, where this strategy never puts it
+        # (it keeps it on itself): tutorial code reading `strategy.cluster_resolver` got None.
+        strategy.extended._cluster_resolver = resolver
         return strategy, {"coordinator": tf.distribute.coordinator.ClusterCoordinator(strategy)}
 
     def describe(self, device: str, task: tuple[str, int], info: RankInfo) -> str:

@@ -13,6 +13,23 @@ from nbdist._net import loopback_interface
 from nbdist._wire import Formation, RankInfo
 from nbdist.backends._base import Backend
 from nbdist.backends.torch._device import rank_device
+from nbdist.backends.torch._ownership import keep_pool_group
+
+
+def _sync_batchnorm_on_cpu() -> None:
+    """`nn.SyncBatchNorm.convert_sync_batchnorm(model)`, as scripts call it, gives layers that
+    refuse to run on CPU ranks ("SyncBatchNorm expected input tensor to be on GPU"); on CPU
+    engines it gives nbdist's equivalent over gloo instead (`nbdist.torch.sync_batchnorm`)."""
+    original = torch.nn.SyncBatchNorm.convert_sync_batchnorm
+
+    def convert_sync_batchnorm(cls: Any, module: torch.nn.Module, process_group: Any = None) -> torch.nn.Module:
+        if process_group is not None:  # a subgroup: only torch's own layer takes one
+            return original(module, process_group)
+        from nbdist.torch import sync_batchnorm
+
+        return sync_batchnorm(module)
+
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm = classmethod(convert_sync_batchnorm)  # type: ignore[assignment]
 
 
 class TorchBackend(Backend):
@@ -21,9 +38,12 @@ class TorchBackend(Backend):
     def setup(self, info: RankInfo, formation: Formation) -> None:
         os.environ.update(info.torchrun_env())
         torch.set_num_threads(info.threads)
+        device = rank_device()
+        keep_pool_group(gpu=device.type == "cuda")
+        if device.type == "cpu":
+            _sync_batchnorm_on_cpu()
         if dist.is_initialized():
             return
-        device = rank_device()
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if info.store is not None:
@@ -34,7 +54,8 @@ class TorchBackend(Backend):
         else:
             init_method = f"tcp://{info.master_addr}:{info.master_port}"
         dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo",
+            # On GPUs gloo serves CPU tensors beside NCCL, so a script's gloo collectives work too.
+            backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
             init_method=init_method,
             rank=info.rank,
             world_size=info.world_size,
