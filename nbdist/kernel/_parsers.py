@@ -124,6 +124,8 @@ def distributed_parser(script: bool = False) -> _Parser:
     parser.add_argument("--ranks", default=None, metavar="SPEC",
                         help="run on these ranks only: 0, 0,2, 1-3 or all (collectives are refused there)")
     parser.add_argument("--no-dashboard", action="store_true", help="no live dashboard")
+    parser.add_argument("--tensorboard", default=None, metavar="DIR",
+                        help="also write the cell's metrics as TensorBoard scalars under DIR (one run per cell)")
     parser.add_argument("--ps", type=_positive_int, default=1,
                         help="parameter servers for --backend tensorflow --strategy ps (default 1)")
     parser.add_argument("--restart", action="store_true",

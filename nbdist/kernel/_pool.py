@@ -229,6 +229,7 @@ class Pool:
         observers: Iterable[CellObserver] = (),
         line_offset: int = 0,
         ranks: str | Sequence[int] | None = None,
+        tensorboard: str | None = None,
     ) -> CellResult:
         """Run `source` on every rank and return rank 0's last-expression value and outputs.
 
@@ -236,7 +237,8 @@ class Pool:
         gives the pool fresh engines first when they are joined for another backend or
         strategy (engine state is lost, so it is never done without being asked). `ranks`
         (`"0"`, `"0,2"`, `"1-3"`, `"all"` or a list) runs the cell on those ranks only; the
-        first of them gives the value."""
+        first of them gives the value. `tensorboard` (a folder) also writes the cell's metrics
+        there as TensorBoard scalars when it ends."""
         cluster = self._running()
         only = parse_ranks(ranks, len(cluster.engines))
         spec = backend_spec(backend)
@@ -251,7 +253,12 @@ class Pool:
         if cluster.formation is None:  # fresh engines: nothing of the old ones' names is left
             self.names.clear()
         self.ensure_backend(backend, formation)
-        runner = CellRunner(cluster, output=output, observers=list(observers), history=self.history)
+        watchers = list(observers)
+        if tensorboard is not None:
+            from nbdist.kernel._tensorboard import TensorBoardObserver
+
+            watchers.append(TensorBoardObserver(tensorboard))
+        runner = CellRunner(cluster, output=output, observers=watchers, history=self.history)
         try:
             result = runner.run(source, cell_id=self.next_cell_id(), backend=backend, strategy=chosen.name,
                                 timeout=timeout, line_offset=line_offset, only=only)
