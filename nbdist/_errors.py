@@ -32,11 +32,15 @@ class DistributedCellError(NbdistError):
     """
 
     def __init__(self, summary: str, tracebacks: dict[int, str], *, lost_state: bool = False,
-                 same: dict[int, list[int]] | None = None):
+                 same: dict[int, list[int]] | None = None, stopped: bool = False):
         super().__init__(summary)
         self.summary = summary
         self.tracebacks = tracebacks
         self.lost_state = lost_state
+        self.stopped = stopped
+        self.recovery_seconds = 0.0
+        """How long replacing the engines took, when they were replaced."""
+        """Ended by the user, a timeout or the pool's stop, not by the cell (never retried)."""
         self.same = same or {}
         """For a traceback shown once, every rank that raised it (keyed by the first)."""
 

@@ -106,3 +106,64 @@ def test_killed_writer_leaves_previous_checkpoint_intact(pool: nbdist.Pool, tmp_
     assert [p.name for p in tmp_path.glob(".ckpt.pt.*.tmp")] != []
     pool.run(f"nbdist.checkpoint.save({str(path)!r}, model=model, optimizer=opt, step=9)")
     assert list(tmp_path.glob(".ckpt.pt.*.tmp")) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+RETRY_CELL = """
+import os, time, torch
+torch.manual_seed(0)
+model = nbdist.torch.prepare(torch.nn.Linear(8, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+start = nbdist.checkpoint.restore({path!r}, model=model, optimizer=opt) or 0
+for step in range(start, {total}):
+    g = torch.Generator().manual_seed(step * 10 + rank)
+    x = torch.randn(16, 8, generator=g)
+    loss = torch.nn.functional.mse_loss(model(x), x.sum(1, keepdim=True))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    nbdist.report(step=step, loss=loss.item(), samples=16)
+    if (step + 1) % {every} == 0:
+        nbdist.checkpoint.save({path!r}, model=model, optimizer=opt, step=step + 1)
+    if {kill} and rank == 1 and step == 50 and not os.path.exists({mark!r}):
+        open({mark!r}, "w").close()
+        os.kill(os.getpid(), 9)
+    time.sleep(0.01)
+[float(v) for v in model.module.weight.detach().flatten()] + [float(model.module.bias.detach())]
+"""
+
+
+def test_retries_resume_from_the_last_checkpoint_after_an_engine_dies(pool: nbdist.Pool, tmp_path: Path) -> None:
+    total, every = 100, 20
+    began = time.monotonic()
+    reference = pool.run(RETRY_CELL.format(path=str(tmp_path / "ref.pt"), total=total, every=every, kill=False,
+                                           mark="")).value
+    uninterrupted = time.monotonic() - began
+    before = len(pool.history)
+    cell = RETRY_CELL.format(path=str(tmp_path / "ckpt.pt"), total=total, every=every, kill=True,
+                             mark=str(tmp_path / "killed"))
+    began = time.monotonic()
+    result = pool.run(cell, retries=2)
+    retried = time.monotonic() - began
+    assert (tmp_path / "killed").exists() and result.retries == 1
+    assert max(abs(a - b) for a, b in zip(result.value, reference, strict=True)) < 1e-6
+    steps = pool.history.frame().iloc[before:]
+    steps = steps[(steps["rank"] == 0) & (steps.kind == "train")].step.astype(int).tolist()
+    drop = next(i for i in range(1, len(steps)) if steps[i] < steps[i - 1])
+    assert steps[drop] == 40 and steps[-1] == total - 1  # resumed at the last checkpoint, one cell's history
+    assert steps[drop - 1] + 1 - steps[drop] <= every, "lost more than one checkpoint interval"
+    assert len(result.retry_seconds) == 1 and result.retry_seconds[0] < 30
+    print(f"time lost to the failure: {retried - uninterrupted:.1f} s in all ({uninterrupted:.1f} s uninterrupted, "
+          f"{retried:.1f} s with the failure; {result.retry_seconds[0]:.1f} s of it to be running again)")
+
+
+def test_a_raising_rank_is_retried_only_when_asked(pool: nbdist.Pool, tmp_path: Path) -> None:
+    flaky = (f"import os\nif rank == 1 and not os.path.exists({str(tmp_path / 'once')!r}):\n"
+             f"    open({str(tmp_path / 'once')!r}, 'w').close()\n    raise RuntimeError('flaky')\nrank + 10")
+    with pytest.raises(nbdist.DistributedCellError) as info:
+        pool.run(flaky, retries=3)
+    assert "flaky" in info.value.summary and not info.value.lost_state
+    (tmp_path / "once").unlink()
+    result = pool.run(flaky, retries=3, retries_on="error")
+    assert result.retries == 1 and result.value == 10
+    with pytest.raises(nbdist.ConfigError, match="retries must be a whole number"):
+        pool.run("1", retries=-1)

@@ -77,6 +77,9 @@ def test_traceback_points_at_the_cell_line(shell: InteractiveShell, magics: Nbdi
         ("%%distributed --output some\n1", "invalid choice"),
         ("%%distributed --timeout -3\n1", "positive number of seconds"),
         ("%%distributed --timeout 'unclosed\n1", "cannot read the options"),
+        ("%%distributed --retries -1\n1", "--retries: '-1'"),
+        ("%%distributed --retries-on crash\n1", "invalid choice"),
+        ("%distributed", "the following arguments are required: script"),
     ],
 )
 def test_bad_options_get_one_line_messages(shell: InteractiveShell, magics: NbdistMagics,

@@ -61,8 +61,10 @@ def settle(ranks: Ranks, summary: str, tracebacks: dict[int, str], *, stuck: Seq
     sep = "" if summary.endswith("\n") else " "
     if stuck or exits:
         seconds = ranks.recover()
-        return DistributedCellError(f"{summary}{sep}{LOST_STATE} (recovered in {seconds:.1f} s)", tracebacks,
-                                    lost_state=True, same=same)
+        error = DistributedCellError(f"{summary}{sep}{LOST_STATE} (recovered in {seconds:.1f} s)", tracebacks,
+                                     lost_state=True, same=same)
+        error.recovery_seconds = seconds
+        return error
     return DistributedCellError(f"{summary}{sep}{kept}".rstrip(), tracebacks, same=same)
 
 

@@ -242,6 +242,8 @@ class Dashboard:
             text = f"step {int(step) + 1}/{store.total}, ETA {eta:,.0f} s &middot; " + text
         elif step is not None:
             text = f"step {int(step) + 1} &middot; " + text
+        if store.restarts:
+            text += f" &middot; retried {len(store.restarts)}&times;"
         # The plotted point count rides along, machine-readable, for browser tests and scripts.
         text += f' <span class="nbdist-points" data-points="{self.points("loss")}"></span>'
         return text

@@ -165,7 +165,7 @@ class NbdistMagics(Magics):
         options: dict[str, Any] = dict(
             backend=args.backend, strategy=args.strategy, ps=args.ps, restart=args.restart, output=args.output,
             timeout=args.timeout, ranks=args.ranks, observers=[] if args.no_dashboard else [self.dashboard],
-            tensorboard=args.tensorboard,
+            tensorboard=args.tensorboard, retries=args.retries, retries_on=args.retries_on,
         )
         try:
             if cell is None:

@@ -124,6 +124,11 @@ def distributed_parser(script: bool = False) -> _Parser:
     parser.add_argument("--ranks", default=None, metavar="SPEC",
                         help="run on these ranks only: 0, 0,2, 1-3 or all (collectives are refused there)")
     parser.add_argument("--no-dashboard", action="store_true", help="no live dashboard")
+    parser.add_argument("--retries", type=_non_negative_int, default=0, metavar="N",
+                        help="run the cell again, up to N times, after an engine dies (the pool recovers first; "
+                             "restore a checkpoint in the cell to resume)")
+    parser.add_argument("--retries-on", choices=["engine", "error"], default="engine",
+                        help="what is retried: an engine's death (default), or also a rank that raised")
     parser.add_argument("--tensorboard", default=None, metavar="DIR",
                         help="also write the cell's metrics as TensorBoard scalars under DIR (one run per cell)")
     parser.add_argument("--ps", type=_positive_int, default=1,

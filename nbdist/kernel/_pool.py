@@ -8,6 +8,7 @@ running cells, moving values, and the run history.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -230,6 +231,8 @@ class Pool:
         line_offset: int = 0,
         ranks: str | Sequence[int] | None = None,
         tensorboard: str | None = None,
+        retries: int = 0,
+        retries_on: str = "engine",
     ) -> CellResult:
         """Run `source` on every rank and return rank 0's last-expression value and outputs.
 
@@ -238,7 +241,17 @@ class Pool:
         strategy (engine state is lost, so it is never done without being asked). `ranks`
         (`"0"`, `"0,2"`, `"1-3"`, `"all"` or a list) runs the cell on those ranks only; the
         first of them gives the value. `tensorboard` (a folder) also writes the cell's metrics
-        there as TensorBoard scalars when it ends."""
+        there as TensorBoard scalars when it ends.
+
+        `retries` runs the cell again, up to that many times, after an engine dies (the pool
+        recovered first, so the cell starts on fresh engines: a cell that restores its last
+        checkpoint resumes there), as torchrun's `--max-restarts` does; with `retries_on="error"`
+        also after a rank raised. An interrupt, a timeout or a stopped pool is never retried."""
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ConfigError(f"retries must be a whole number of 0 or more (got {retries!r}).")
+        if retries_on not in ("engine", "error"):
+            raise ConfigError(f"retries_on must be 'engine' (an engine died) or 'error' (also a raising rank), "
+                              f"not {retries_on!r}.")
         cluster = self._running()
         only = parse_ranks(ranks, len(cluster.engines))
         spec = backend_spec(backend)
@@ -259,12 +272,31 @@ class Pool:
 
             watchers.append(TensorBoardObserver(tensorboard))
         runner = CellRunner(cluster, output=output, observers=watchers, history=self.history)
-        try:
-            result = runner.run(source, cell_id=self.next_cell_id(), backend=backend, strategy=chosen.name,
-                                timeout=timeout, line_offset=line_offset, only=only)
-        except DistributedCellError as exc:
-            self.last_failed_ranks = [] if exc.lost_state else exc.failed_ranks
-            raise
+        cell_id, tries, lost = self.next_cell_id(), 0, []
+        while True:
+            runner.retrying = tries < retries
+            try:
+                result = runner.run(source, cell_id=cell_id, backend=backend, strategy=chosen.name,
+                                    timeout=timeout, line_offset=line_offset, only=only, again=tries > 0)
+                break
+            except DistributedCellError as exc:
+                failed = time.monotonic()
+                again = runner.retrying and not exc.stopped and cluster.running and (
+                    exc.lost_state or retries_on == "error")
+                if not again:
+                    if runner.retrying:
+                        runner.finish(False)
+                    self.last_failed_ranks = [] if exc.lost_state else exc.failed_ranks
+                    raise
+                tries += 1
+                heal(cluster)
+                self.ensure_backend(backend, formation)
+                lost.append(exc.recovery_seconds + time.monotonic() - failed)
+                say(f"retry {tries} of {retries}: {exc.summary.strip().splitlines()[0]} Running the cell again "
+                    f"({'fresh engines, ' if exc.lost_state else ''}ready again in {lost[-1]:.1f} s).", unasked=True)
+        if tries:
+            say(f"the cell finished after {tries} retr{'y' if tries == 1 else 'ies'} of {retries}.", unasked=True)
+        result.retries, result.retry_seconds = tries, lost
         self.names.update(result.outcomes[0].names)
         return result
 

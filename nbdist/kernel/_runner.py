@@ -54,6 +54,11 @@ class CellResult:
     outcomes: list[CellOutcome]
     seconds: float
     display: dict[str, Any] | None = field(default=None)
+    retries: int = 0
+    """How many times the cell was run again after a failure (`--retries`)."""
+    retry_seconds: list[float] = field(default_factory=list)
+    """For each retry, the seconds from the failure until the cell ran again (replacing the
+    engines and forming the group; the steps since the last checkpoint come on top)."""
 
 
 def heal(ranks: Ranks) -> None:
@@ -120,11 +125,15 @@ class CellRunner:
         self._subset: tuple[int, ...] | None = None
         self._debug = DebugRelay()
         self._backend = ""
+        self.retrying = False
+        """Set while a failure will be followed by another run of the same cell."""
 
     def run(self, source: str, *, cell_id: str, backend: str, strategy: str, timeout: float | None,
-            line_offset: int = 0, only: Sequence[int] | None = None) -> CellResult:
+            line_offset: int = 0, only: Sequence[int] | None = None, again: bool = False) -> CellResult:
         """Run `source` on every rank, or on the ranks `only` names (the first of them gives the
-        value); a collective in such a cell is refused on the engines, or found in their stacks."""
+        value); a collective in such a cell is refused on the engines, or found in their stacks.
+        `again`: the same cell once more after a failure (`--retries`), its metrics and its
+        observers going on from where it failed."""
         started = time.monotonic()
         views = self.ranks.views
         chosen = list(only) if only is not None else list(range(len(views)))
@@ -137,10 +146,13 @@ class CellRunner:
         self._subset = subset
         self._backend = backend
         stream = OutputStream(list(pending.values()), self.output, ranks=chosen)
-        self.store = MetricStore(cell=cell_id)
+        if again:
+            self.store.restart(time.time())
+        else:
+            self.store = MetricStore(cell=cell_id)
+            for obs in self.observers:
+                obs.cell_started(self.store)
         self._pending = pending
-        for obs in self.observers:
-            obs.cell_started(self.store)
         ok = False
         try:
             outcomes = self._watch(pending, stream, started, timeout)
@@ -149,13 +161,18 @@ class CellRunner:
             self._collect()
             for ar in pending.values():
                 forget_outputs(ar)
-            if self.history is not None:
-                self.history.extend(self.store.records)
-            for obs in self.observers:
-                obs.cell_finished(ok)
+            if ok or not self.retrying:
+                self.finish(ok)
         first = outcomes[0]
         value = shown(first.value, "the cell's last value")
         return CellResult(value, outcomes, time.monotonic() - started, first.display)
+
+    def finish(self, ok: bool) -> None:
+        """The cell is over (after its last try): its records join the history, observers end."""
+        if self.history is not None:
+            self.history.extend(self.store.records)
+        for obs in self.observers:
+            obs.cell_finished(ok)
 
     def _watch(self, pending: dict[int, Any], stream: OutputStream, started: float,
                timeout: float | None) -> list[CellOutcome]:
@@ -174,7 +191,7 @@ class CellRunner:
                     if interrupted.is_set():
                         raise KeyboardInterrupt
                     if not ranks.running:
-                        raise DistributedCellError(STOPPED, {})
+                        raise DistributedCellError(STOPPED, {}, stopped=True)
                     stream.pump()
                     for rank, ar in pending.items():
                         if self._debug.serve(rank, ar):
@@ -285,7 +302,7 @@ class CellRunner:
         SIGINT), free it by restarting the pool. The message says where each rank was."""
         ranks = self.ranks
         if not ranks.running:
-            return DistributedCellError(f"{reason} {STOPPED}", {})
+            return DistributedCellError(f"{reason} {STOPPED}", {}, stopped=True)
         running = [rank for rank, ar in pending.items() if not ar.done()]
         where = self._where(pending, running)
         if running:
@@ -309,8 +326,10 @@ class CellRunner:
         exits = ranks.exits()
         if still:
             reason += f" Ranks {', '.join(map(str, still))} did not stop (blocked in a collective) and were killed."
-        return settle(ranks, reason, tracebacks, stuck=still + broken, exits=exits,
-                      kept="Every rank stopped; engine state is kept and the pool is ready.")
+        error = settle(ranks, reason, tracebacks, stuck=still + broken, exits=exits,
+                       kept="Every rank stopped; engine state is kept and the pool is ready.")
+        error.stopped = True
+        return error
 
 
 _UNSEEN = object()

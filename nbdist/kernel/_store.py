@@ -39,6 +39,8 @@ class MetricStore:
         self.load: dict[int, Series] = defaultdict(Series)
         self.total: int | None = None
         self._next: dict[int, int] = defaultdict(int)
+        self.restarts: list[float] = []
+        """When the cell was run again on fresh engines (`--retries`), as wall-clock times."""
 
     def ingest(self, rank: int, data: Mapping[str, Any]) -> int:
         """Take the batches from `data` (an engine's published data) not seen yet."""
@@ -61,6 +63,12 @@ class MetricStore:
             self.train[rank].add(row, TRAIN_FIELDS)
             if "total" in row and row["total"] is not None:
                 self.total = int(row["total"])
+
+    def restart(self, when: float) -> None:
+        """The cell runs again on fresh engines, whose report batches are numbered from 0 again:
+        the records so far stay, so the plot goes on from where the failure left it."""
+        self._next.clear()
+        self.restarts.append(when)
 
     # -- summaries the dashboard draws ------------------------------------------------------
 
