@@ -243,6 +243,32 @@ def test_unreachable_host_is_named_and_nothing_is_left(two_hosts: str) -> None:
         p.info["cmdline"] or []) and "watch:" in " ".join(p.info["cmdline"] or [])]
 
 
+def test_doctor_finds_an_unreachable_host_a_wrong_python_and_a_loopback_controller(
+        two_hosts: str, fresh_shell: tuple[InteractiveShell, NbdistMagics], capsys: pytest.CaptureFixture[str]) -> None:
+    ip, _ = fresh_shell
+    began = time.monotonic()
+    table = ip.run_cell(f'%nbdist doctor --hosts {HOSTS[0]}:1,{NET}.9:1 --python {PYTHON} '
+                        f'--ssh-args "{two_hosts}"').result
+    assert time.monotonic() - began < 30
+    rows = {(r.check, r.where): r for r in table.itertuples()}
+    assert rows[("ssh", HOSTS[0])].result == "ok" and "nbd-host1" in rows[("ssh", HOSTS[0])].detail
+    assert rows[("nbdist", HOSTS[0])].result == "ok"
+    assert rows[("controller reachable", HOSTS[0])].result == "ok"
+    unreachable = rows[("ssh", f"{NET}.9")]
+    assert unreachable.result == "problem" and "password prompt" in unreachable.fix
+    assert "1 problem found" in capsys.readouterr().out
+    wrong = ip.run_cell(f'%nbdist doctor --hosts {HOSTS[1]}:2 --python /usr/bin/python3 '
+                        f'--ssh-args "{two_hosts}"').result
+    rows = {(r.check, r.where): r for r in wrong.itertuples()}
+    assert rows[("nbdist", HOSTS[1])].result == "problem" and "--python" in rows[("nbdist", HOSTS[1])].fix
+    loopback = ip.run_cell(f'%nbdist doctor --hosts {HOSTS[1]}:2 --interface lo --python {PYTHON} '
+                           f'--ssh-args "{two_hosts}"').result
+    rows = {(r.check, r.where): r for r in loopback.itertuples()}
+    assert rows[("controller address", "here")].result == "problem"
+    assert rows[("controller reachable", HOSTS[1])].result == "problem" and "--interface" in \
+        rows[("controller reachable", HOSTS[1])].fix
+
+
 def test_remote_engines_end_when_the_kernel_is_killed(two_hosts: str, tmp_path: Path) -> None:
     script = tmp_path / "kernel.py"
     script.write_text(textwrap.dedent(f"""
@@ -305,6 +331,19 @@ def test_slurm_job_script_carries_the_options() -> None:
                  "#SBATCH --ntasks=4"):
         assert line in text, text
     assert "nbdist.cluster._guard watch:10.1.2.3:4567 ipyparallel.engine" in text
+
+
+def test_sge_job_script_carries_the_queue() -> None:
+    text = _script("sge", partition="all.q")
+    assert "#$ -q all.q" in text and "nbdist.cluster._guard" in text
+
+
+def test_scheduler_engines_start_with_the_notebooks_python_unless_told() -> None:
+    from nbdist.cluster._launch import engine_python
+
+    assert engine_python(make_plan("slurm")) == sys.executable
+    assert engine_python(make_plan("sge", python="/opt/env/bin/python")) == "/opt/env/bin/python"
+    assert engine_python(make_plan(hosts="h1:1")) == "python3"
 
 
 def test_pbs_job_script_carries_the_queue() -> None:
@@ -370,7 +409,7 @@ def test_ranks_are_placed_host_by_host() -> None:
         ({"hosts": "a:2,a:1"}, "named twice"),
         ({"launcher": "ssh"}, "needs the hosts"),
         ({"launcher": "slurm", "hosts": "a:2"}, "does not apply"),
-        ({"launcher": "mpi", "partition": "p"}, "slurm or pbs only"),
+        ({"launcher": "mpi", "partition": "p"}, "slurm, sge or pbs only"),
         ({"launcher": "pbs", "time": "1:00:00"}, "slurm only"),
         ({"launcher": "local", "mpi_args": "-x"}, "mpi only"),
         ({"launcher": "k8s"}, "not known"),

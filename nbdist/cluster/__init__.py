@@ -8,9 +8,10 @@ from __future__ import annotations
 from nbdist.cluster._adopt import EngineInfo
 from nbdist.cluster._cluster import EngineCluster
 from nbdist.cluster._config import PoolConfig, parse_gpus, resolve_config, resolve_options
+from nbdist.cluster._doctor import Check, diagnose
 from nbdist.cluster._exits import EngineExit
 from nbdist.cluster._launch import LaunchPlan, make_plan
 from nbdist.cluster._streams import Outputs, forget_outputs, outputs_of
 
-__all__ = ["EngineCluster", "EngineExit", "EngineInfo", "LaunchPlan", "Outputs", "PoolConfig", "forget_outputs",
-           "make_plan", "outputs_of", "parse_gpus", "resolve_config", "resolve_options"]
+__all__ = ["Check", "EngineCluster", "EngineExit", "EngineInfo", "LaunchPlan", "Outputs", "PoolConfig", "diagnose",
+           "forget_outputs", "make_plan", "outputs_of", "parse_gpus", "resolve_config", "resolve_options"]

@@ -35,12 +35,14 @@ from nbdist.cluster._internals import (
     POOL_VARIABLE,
     client_controller_ip,
     end_engine_descendants,
+    forget_unsubmitted,
     launch_failure,
     owner_only,
     reap_stragglers,
     registration_port,
 )
-from nbdist.cluster._launch import controller_address, engine_launcher_config
+from nbdist.cluster._jobs import JobWatch, missing_commands, unknown_partition
+from nbdist.cluster._launch import SCHEDULERS, controller_address, engine_launcher_config, engine_python
 from nbdist.cluster._streams import tap
 from nbdist.engine._context import THREAD_VARIABLES
 from nbdist.engine._stacks import STACK_SIGNAL
@@ -104,6 +106,14 @@ class EngineCluster:
         if not plan.owns_engines:
             self._connect()
             return
+        missing = missing_commands(plan.launcher)
+        if missing:
+            raise PoolStartError(f"--launcher {plan.launcher} needs {', '.join(missing)}, which this machine does not "
+                                 "have on its PATH: run the notebook on the cluster's login node (or a node that can "
+                                 "submit jobs), or choose another launcher.")
+        unknown = unknown_partition(plan.launcher, plan.partition)
+        if unknown:
+            raise PoolStartError(unknown)
         launch = Config()
         launch.ControllerLauncher.controller_cmd = guard.command(os.getpid(), "ipyparallel.controller")
         self.controller_ip = controller_address(plan)
@@ -125,7 +135,7 @@ class EngineCluster:
             if plan.remote:
                 # Engines elsewhere cannot watch this process: they watch the controller instead.
                 port = registration_port(cluster)
-                engine_cmd = guard.remote_command(plan.python or "python3", self.controller_ip, port,
+                engine_cmd = guard.remote_command(engine_python(plan), self.controller_ip, port,
                                                   "ipyparallel.engine")
             else:
                 engine_cmd = guard.command(os.getpid(), "ipyparallel.engine", cfg.preload)
@@ -193,6 +203,8 @@ class EngineCluster:
 
     def _wait_for_new_engines(self, known: set[int], n: int) -> list[int]:
         began = time.monotonic()
+        launcher = self.config.launch.launcher
+        job = JobWatch(launcher) if launcher in SCHEDULERS and self._cluster is not None else None
         while True:
             fresh = sorted(set(self.client.ids) - known)
             if len(fresh) >= n:
@@ -203,11 +215,19 @@ class EngineCluster:
                     f"the engine launcher ended before {n - len(fresh)} of {n} engines registered. "
                     f"Its output ends with:\n{ended}"
                 )
+            if job is not None and self._cluster is not None:
+                for engine_set in list(self._cluster.engines.values()):
+                    gone = job.ended(engine_set)
+                    if gone is not None:
+                        raise PoolStartError(f"the {launcher} job for the engines ended before {n - len(fresh)} of "
+                                             f"{n} engines registered: {gone}")
             if time.monotonic() > self._deadline:
                 asked = self.config.start_timeout
+                state = (f" The scheduler says {job.last.describe()}; the job was cancelled."
+                         if job is not None and job.last is not None else "")
                 raise PoolStartError(
                     f"only {len(fresh)} of {n} engines registered with the controller within "
-                    f"{waited(asked, time.monotonic() - began)} (a longer --timeout helps on a busy machine). "
+                    f"{waited(asked, time.monotonic() - began)} (a longer --timeout helps on a busy machine).{state} "
                     f"What the engines printed is in {self.logs()}"
                 )
             time.sleep(0.02)
@@ -299,6 +319,7 @@ class EngineCluster:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
         if cluster is not None:
+            forget_unsubmitted(cluster)
             try:
                 cluster.stop_cluster_sync()
             except Exception as exc:  # noqa: BLE001 - e.g. a launcher that never started; reap below

@@ -79,6 +79,14 @@ def end_engine_descendants(pool_id: str) -> None:
             pass
 
 
+def forget_unsubmitted(cluster: ipp.Cluster) -> None:
+    """A batch engine set whose submission failed has no job id: stopping it would run
+    `scancel ''` and report that failure on top of the real one."""
+    for key, engine_set in list(cluster.engines.items()):
+        if hasattr(engine_set, "job_id") and not engine_set.job_id:
+            del cluster.engines[key]
+
+
 def reap_stragglers(cluster: ipp.Cluster) -> None:
     """Kill any engine or controller process a failed stop left behind (tracked PIDs only)."""
     handles: list[Any] = []

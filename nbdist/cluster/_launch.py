@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shlex
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,17 @@ from traitlets.config import Config
 from nbdist._errors import ConfigError
 from nbdist._net import LOOPBACK, route_address
 
-LAUNCHERS = ("local", "ssh", "mpi", "slurm", "pbs")
+LAUNCHERS = ("local", "ssh", "mpi", "slurm", "sge", "pbs")
+SCHEDULERS = ("slurm", "sge", "pbs")
+"""Launchers that submit a job: its nodes run the notebook's own interpreter unless --python
+says otherwise (a cluster's nodes share the file system the notebook's environment is on)."""
 # Launcher name -> the ipyparallel engine launcher class and the prefix of its config section.
 _ENGINE_LAUNCHERS = {
     "local": ("local", "LocalEngineSetLauncher"),
     "ssh": ("ssh", "SSHEngineSetLauncher"),
     "mpi": ("mpi", "MPIEngineSetLauncher"),
     "slurm": ("slurm", "SlurmEngineSetLauncher"),
+    "sge": ("sge", "SGEEngineSetLauncher"),
     "pbs": ("pbs", "PBSEngineSetLauncher"),
 }
 
@@ -60,7 +65,7 @@ class LaunchPlan:
     @property
     def remote(self) -> bool:
         """Whether engines may run on other machines (so loopback addresses will not do)."""
-        return self.connect is not None or self.launcher in ("ssh", "slurm", "pbs") or bool(self.hosts)
+        return self.connect is not None or self.launcher in ("ssh", *SCHEDULERS) or bool(self.hosts)
 
     @property
     def owns_engines(self) -> bool:
@@ -144,24 +149,26 @@ def make_plan(
         return LaunchPlan(connect=connect, interface=interface)
     if chosen == "ssh" and not host_specs:
         raise ConfigError("--launcher ssh needs the hosts: add --hosts node1:2,node2:2 or --hosts-file FILE.")
-    if chosen in ("local", "slurm", "pbs") and host_specs:
+    if chosen in ("local", *SCHEDULERS) and host_specs:
         raise ConfigError(
             f"--hosts does not apply to --launcher {chosen}: use --launcher ssh (or mpi) to place engines on hosts."
         )
     batch_only = {"--partition": partition, "--account": account, "--time": time}
     given = [name for name, value in batch_only.items() if value]
-    if given and chosen not in ("slurm", "pbs"):
+    if given and chosen not in SCHEDULERS:
         verb = "applies" if len(given) == 1 else "apply"
-        raise ConfigError(f"{', '.join(given)} {verb} to --launcher slurm or pbs only.")
+        raise ConfigError(f"{', '.join(given)} {verb} to --launcher slurm, sge or pbs only.")
     slurm_only = [name for name, value in (("--account", account), ("--time", time)) if value]
-    if slurm_only and chosen == "pbs":
+    if slurm_only and chosen in ("pbs", "sge"):
         verb = "applies" if len(slurm_only) == 1 else "apply"
-        raise ConfigError(f"{', '.join(slurm_only)} {verb} to --launcher slurm only (set PBS limits in a "
-                          "batch template, PBSEngineSetLauncher.batch_template).")
+        section = "PBSEngineSetLauncher" if chosen == "pbs" else "SGEEngineSetLauncher"
+        raise ConfigError(f"{', '.join(slurm_only)} {verb} to --launcher slurm only (set {chosen.upper()} limits in "
+                          f"a batch template, {section}.batch_template).")
     if mpi_args and chosen != "mpi":
         raise ConfigError("--mpi-args applies to --launcher mpi only.")
     if python and chosen == "local":
-        raise ConfigError("--python names the remote hosts' Python: it applies to --launcher ssh, mpi, slurm or pbs.")
+        raise ConfigError("--python names the remote hosts' Python: it applies to --launcher ssh, mpi, slurm, sge "
+                          "or pbs.")
     return LaunchPlan(
         launcher=chosen,
         hosts=host_specs,
@@ -187,6 +194,15 @@ def interface_address(name: str) -> str:
             return str(address.address)
     known = ", ".join(sorted(psutil.net_if_addrs()))
     raise ConfigError(f"--interface {name!r} is neither an IPv4 address nor an interface here (interfaces: {known}).")
+
+
+def engine_python(plan: LaunchPlan) -> str:
+    """The interpreter remote engines start with: --python, else the notebook's own for a job
+    on a scheduler's nodes (whose `python3` is the system's, without nbdist), else `python3`
+    (another host over SSH may well have the notebook's path to nothing)."""
+    if plan.python:
+        return plan.python
+    return sys.executable if plan.launcher in SCHEDULERS else "python3"
 
 
 def controller_address(plan: LaunchPlan) -> str:
@@ -238,7 +254,7 @@ def engine_launcher_config(
         if plan.hosts:
             args += ["-host", ",".join(f"{h.name}:{h.engines}" for h in plan.hosts)]
         launcher.mpi_args = args
-    elif plan.launcher in ("slurm", "pbs"):
+    elif plan.launcher in SCHEDULERS:
         if plan.partition:
             launcher.queue = plan.partition
         if plan.account:

@@ -94,13 +94,29 @@ class NbdistMagics(Magics):
                 "a pool is already running: use `%nbdist restart` for fresh engines, or "
                 "`%nbdist stop` first."
             )
-        self.pool = Pool(
-            args.n, gpus=args.gpus, gpus_per_engine=args.gpus_per_engine, start_timeout=args.timeout,
+        self.pool = Pool(**self._start_options(args)).start()
+        say(self.pool.summary())
+
+    def _doctor(self, args: argparse.Namespace) -> Any:
+        """A table of checks for a start with these options (nothing is started)."""
+        import pandas as pd
+
+        from nbdist.cluster import diagnose
+
+        checks = diagnose(**self._start_options(args))
+        problems = sum(c.result == "problem" for c in checks)
+        say(f"{problems} problem{'s' if problems != 1 else ''} found." if problems else
+            "no problem found: `%nbdist start` with the same options should work.")
+        return pd.DataFrame([vars(c) for c in checks])
+
+    @staticmethod
+    def _start_options(args: argparse.Namespace) -> dict[str, Any]:
+        return dict(
+            n=args.n, gpus=args.gpus, gpus_per_engine=args.gpus_per_engine, start_timeout=args.timeout,
             preload=args.preload, launcher=args.launcher, hosts=args.hosts, hosts_file=args.hosts_file,
             python=args.python, ssh_args=args.ssh_args, interface=args.interface, partition=args.partition,
             account=args.account, time=args.time, mpi_args=args.mpi_args, connect=args.connect,
-        ).start()
-        say(self.pool.summary())
+        )
 
     def _status(self, args: argparse.Namespace | None = None) -> Any:
         import pandas as pd

@@ -65,31 +65,36 @@ def _gpus(text: str) -> Any:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def nbdist_parser() -> _Parser:
-    parser = _Parser(prog="%nbdist", add_help=True, description="Manage the nbdist engine pool.")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
-    start = sub.add_parser("start", help="start a pool of engines")
-    start.add_argument("-n", type=_positive_int, default=None, help="number of engines")
-    start.add_argument("--gpus", type=_gpus, default=None, help="all | none | 0,1")
-    start.add_argument("--gpus-per-engine", type=_positive_int, default=1,
+def _start_options(parser: _Parser) -> None:
+    """What `%nbdist start` takes; `%nbdist doctor` takes the same, to check them first."""
+    parser.add_argument("-n", type=_positive_int, default=None, help="number of engines")
+    parser.add_argument("--gpus", type=_gpus, default=None, help="all | none | 0,1")
+    parser.add_argument("--gpus-per-engine", type=_positive_int, default=1,
                        help="GPUs each engine owns (e.g. 2 for TensorFlow's MirroredStrategy)")
-    start.add_argument("--timeout", type=_positive_float, default=60.0, help="start timeout (s)")
-    start.add_argument("--preload", choices=["torch", "none"], default=None,
+    parser.add_argument("--timeout", type=_positive_float, default=60.0, help="start timeout (s)")
+    parser.add_argument("--preload", choices=["torch", "none"], default=None,
                        help="framework the engines import while starting (default torch; none for TF-only pools)")
-    remote = start.add_argument_group("engines on other hosts (ipyparallel's launchers)")
+    remote = parser.add_argument_group("engines on other hosts (ipyparallel's launchers)")
     remote.add_argument("--hosts", default=None, help="h1:2,h2:2 - engines per host, started over SSH")
     remote.add_argument("--hosts-file", default=None, help="a file of `host[:N]` or `host slots=N` lines")
-    remote.add_argument("--launcher", default=None, help="local | ssh | mpi | slurm | pbs")
+    remote.add_argument("--launcher", default=None, help="local | ssh | mpi | slurm | sge | pbs")
     remote.add_argument("--python", default=None, help="the Python on the remote hosts")
     remote.add_argument("--ssh-args", default=None, help='extra ssh options, e.g. "-i ~/.ssh/key -p 2222"')
     remote.add_argument("--interface", default=None,
                         help="address or interface the controller listens on for remote engines")
-    remote.add_argument("--partition", default=None, help="Slurm partition / PBS queue")
+    remote.add_argument("--partition", default=None, help="Slurm partition / Grid Engine or PBS queue")
     remote.add_argument("--account", default=None, help="Slurm account")
     remote.add_argument("--time", default=None, help="Slurm time limit, e.g. 01:00:00")
     remote.add_argument("--mpi-args", default=None, help='extra mpiexec arguments, e.g. "--oversubscribe"')
     remote.add_argument("--connect", default=None, metavar="PROFILE_OR_FILE",
                         help="join a running ipyparallel cluster (profile name or ipcontroller-client.json)")
+
+
+def nbdist_parser() -> _Parser:
+    parser = _Parser(prog="%nbdist", add_help=True, description="Manage the nbdist engine pool.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+    _start_options(sub.add_parser("start", help="start a pool of engines"))
+    _start_options(sub.add_parser("doctor", help="check what a start with these options needs, before starting"))
     auto = sub.add_parser("auto", help="run every following cell as %%%%distributed (on | off)")
     auto.add_argument("state", nargs="?", choices=["on", "off"], help="no state: show whether auto mode is on")
     auto.add_argument("options", nargs=argparse.REMAINDER, help="%%%%distributed options for every cell")
