@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -202,3 +204,21 @@ def test_only_tensorflows_own_grpc_servers_listen_beyond_loopback(tf_pool: nbdis
     assert all(address.startswith("127.0.0.1:") for address in workers)
     exposed = not_loopback(listeners(pool_processes(tf_pool)))
     assert {port for _, _, port in exposed} == {int(a.rpartition(":")[2]) for a in workers}
+
+
+def test_an_interrupt_inside_tensorflow_replaces_the_engines(tf_pool: nbdist.Pool) -> None:
+    """TensorFlow's collectives cannot resume after an interrupt (the next one failed with
+    "Collective instance ... expected type"): the engines are replaced, and the user told."""
+    tf_pool.run(COMMON + "1", backend="tensorflow")
+    main = threading.get_ident()
+    timer = threading.Timer(8.0, lambda: signal.pthread_kill(main, signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(nbdist.DistributedCellError) as info:
+        tf_pool.run(COMMON + FIT.replace("epochs=3", "epochs=100000"), backend="tensorflow")
+    timer.join()
+    assert info.value.lost_state and time.monotonic() - started < 60
+    assert "interrupted" in info.value.summary
+    assert "stopped inside TensorFlow" in info.value.summary or "were killed" in info.value.summary
+    again = tf_pool.run(COMMON + FIT + "strategy.num_replicas_in_sync", backend="tensorflow")
+    assert again.value == 2
