@@ -335,7 +335,7 @@ def test_slurm_job_script_carries_the_options() -> None:
 
 def test_sge_job_script_carries_the_queue() -> None:
     text = _script("sge", partition="all.q")
-    assert "#$ -q all.q" in text and "nbdist.cluster._guard" in text
+    assert "#$ -q all.q" in text and "#$ -j y" in text and "#$ -t 1-4" in text and "nbdist.cluster._guard" in text
 
 
 def test_scheduler_engines_start_with_the_notebooks_python_unless_told() -> None:

@@ -288,7 +288,7 @@ def test_job_options_and_what_goes_wrong_end_start_within_seconds(
     assert "--partition nowhere is not a slurm partition here: choose one of debug, small" in text, text
     assert "scancel" not in text
     # a job that stays pending (node1 busy): ends at --timeout, cancelled
-    sh("sbatch", "-p", "small", "-n", "2", "--wrap", "sleep 300")
+    sh("sbatch", "-p", "small", "-n", "2", "-o", "/dev/null", "--wrap", "sleep 300")
     text = refused("%nbdist start -n 2 --launcher slurm --gpus none --interface nbs-br --partition small "
                    "--timeout 8", 40)
     assert "PENDING" in text and "cancelled" in text, text

@@ -219,6 +219,7 @@ class EngineCluster:
                 for engine_set in list(self._cluster.engines.values()):
                     gone = job.ended(engine_set)
                     if gone is not None:
+                        engine_set.job_id = ""  # nothing left to cancel (see forget_unsubmitted)
                         raise PoolStartError(f"the {launcher} job for the engines ended before {n - len(fresh)} of "
                                              f"{n} engines registered: {gone}")
             if time.monotonic() > self._deadline:

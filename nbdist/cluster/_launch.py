@@ -255,6 +255,16 @@ def engine_launcher_config(
             args += ["-host", ",".join(f"{h.name}:{h.engines}" for h in plan.hosts)]
         launcher.mpi_args = args
     elif plan.launcher in SCHEDULERS:
+        # The job script goes to this cluster's own folder, not the notebook's working folder.
+        os.makedirs(remote_dir, mode=0o700, exist_ok=True)
+        launcher.batch_file_name = os.path.join(remote_dir, f"{plan.launcher}_engines.sh")
+        if plan.launcher == "sge":
+            # ipyparallel's SGE launcher inherits PBS's output lines, which Grid Engine ignores:
+            # the engines' output (stderr too) would land in the home folder, out of sight. A
+            # whole template of our own (ipyparallel then inserts nothing) says it in SGE's words.
+            queue = f"#$ -q {plan.partition}\n" if plan.partition else ""
+            launcher.batch_template = ("#$ -V\n#$ -S /bin/sh\n#$ -N ipengine\n#$ -t 1-{n}\n#$ -j y\n"
+                                       f"#$ -o {{output_file}}\n{queue}{{program_and_args}}\n")
         if plan.partition:
             launcher.queue = plan.partition
         if plan.account:
