@@ -140,3 +140,16 @@ def test_a_pool_the_machine_cannot_hold_is_refused_before_anything_starts() -> N
     with pytest.raises(ConfigError, match="-n 17 is 8 engines per core on this 2-core machine.*at most 16"):
         resolve_config(17, preload="none", available_mb=lambda: 10**6, **plenty)  # type: ignore[arg-type]
     assert resolve_config(16, preload="none", available_mb=lambda: 10**6, **plenty).n == 16  # type: ignore[arg-type]
+
+
+def test_doctor_checks_a_local_start_without_importing_torch_here() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom nbdist.cluster import diagnose\nrows = {c.check: c for c in diagnose(2, gpus='none')}\n"
+            "print(rows['options'].result, rows['free ports'].result, rows['CUDA / NCCL'].detail, "
+            "'torch' in sys.modules)\nbad = diagnose(2, launcher='slurm', hosts='a:1')\n"
+            "print(bad[0].result, bad[0].detail)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert "ok ok torch is a CPU build (gloo only) False" in out or "CUDA" in out and "False" in out.splitlines()[0]
+    assert "problem --hosts does not apply to --launcher slurm" in out

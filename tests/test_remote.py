@@ -254,6 +254,7 @@ def test_doctor_finds_an_unreachable_host_a_wrong_python_and_a_loopback_controll
     assert rows[("ssh", HOSTS[0])].result == "ok" and "nbd-host1" in rows[("ssh", HOSTS[0])].detail
     assert rows[("nbdist", HOSTS[0])].result == "ok"
     assert rows[("controller reachable", HOSTS[0])].result == "ok"
+    assert "CPU build" in rows[("CUDA / NCCL", HOSTS[0])].detail
     unreachable = rows[("ssh", f"{NET}.9")]
     assert unreachable.result == "problem" and "password prompt" in unreachable.fix
     assert "1 problem found" in capsys.readouterr().out

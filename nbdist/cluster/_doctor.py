@@ -49,6 +49,13 @@ try:
     facts["gpus"] = pynvml.nvmlDeviceGetCount()
 except Exception:
     pass
+if facts["versions"].get("torch"):
+    try:
+        import torch
+        facts["cuda"] = torch.version.cuda
+        facts["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if torch.version.cuda else None
+    except Exception as exc:
+        facts["cuda"] = "torch does not import: %%s" %% exc
 try:
     socket.create_connection((%(address)r, %(port)d), timeout=5).close()
     facts["reaches_controller"] = True
@@ -101,6 +108,23 @@ class _Listener:
         self._open = False
         self.sock.close()
 
+    def __enter__(self) -> _Listener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _local_facts() -> dict[str, Any]:
+    """The probe's facts for this machine, read in a child process: the kernel never imports torch."""
+    with _Listener(LOOPBACK) as listener:
+        done = subprocess.run([sys.executable, "-c", PROBE % {"packages": PACKAGES, "address": LOOPBACK,
+                                                              "port": listener.port}],
+                              capture_output=True, text=True, timeout=60)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("NBDIST-DOCTOR ")), "NBDIST-DOCTOR {}")
+    facts: dict[str, Any] = json.loads(line.removeprefix("NBDIST-DOCTOR "))
+    return facts
+
 
 def _ssh(plan: LaunchPlan, host: str, python: str, code: str) -> tuple[int, str]:
     args = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", *plan.ssh_args, host,
@@ -146,7 +170,22 @@ def _host_checks(plan: LaunchPlan, host: str, address: str, port: int, here: dic
                       f"{host} can reach"))
     gpus = facts.get("gpus")
     rows.append(Check("GPUs", host, "note", f"{gpus} visible to NVML" if gpus is not None else "no NVML (CPU engines)"))
+    rows += _cuda_rows(facts, host)
     return rows
+
+
+def _cuda_rows(facts: dict[str, Any], where: str) -> list[Check]:
+    if "cuda" not in facts:
+        return []
+    cuda, nccl = facts["cuda"], facts.get("nccl")
+    if isinstance(cuda, str) and cuda.startswith("torch does not import"):
+        return [Check("CUDA / NCCL", where, "problem", cuda, "reinstall torch in that environment")]
+    text = f"torch built for CUDA {cuda}, NCCL {nccl}" if cuda else "torch is a CPU build (gloo only)"
+    gpus = facts.get("gpus")
+    if not cuda and gpus:
+        return [Check("CUDA / NCCL", where, "problem", f"{text}, but {gpus} GPUs are there",
+                      "install a CUDA build of torch to use them (see the README's CPU or GPU torch)")]
+    return [Check("CUDA / NCCL", where, "note", text)]
 
 
 def _scheduler_checks(plan: LaunchPlan) -> list[Check]:
@@ -183,6 +222,7 @@ def diagnose(n: int | None = None, **options: Any) -> list[Check]:
                       + ", ".join(f"{k} {v}" for k, v in here.items() if v)))
     gpus = visible_gpus({})
     rows.append(Check("GPUs", "here", "note", f"{len(gpus)} visible to NVML" if gpus else "none (CPU engines)"))
+    rows += _cuda_rows(_local_facts(), "here")
     if plan.connect:
         return rows
     try:
