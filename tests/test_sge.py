@@ -211,3 +211,45 @@ def test_what_goes_wrong_with_grid_engine_ends_start_within_seconds(
     finally:
         os.environ["PATH"] = saved
     assert "needs qsub" in text
+
+
+def test_a_deleted_job_a_pending_job_and_a_killed_kernel(notebook: tuple[InteractiveShell, NbdistMagics],
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import subprocess as sp
+    import sys
+
+    ip, magics = notebook
+    assert ip.run_cell("%nbdist start -n 2 --launcher sge --gpus none --timeout 90").success
+    pool = magics.pool
+    assert pool is not None
+    sh("qdel", qstat()[0].split()[0])
+    began = time.monotonic()
+    with pytest.raises(nbdist.DistributedCellError) as info:
+        pool.run("import time\ntime.sleep(60)")
+    # the deleted job's engines die during the cell, or while it forms the process group
+    assert time.monotonic() - began < 30 and info.value.lost_state
+    assert "EngineDied" in info.value.summary or "stopped answering the controller" in info.value.summary
+    assert pool.run("world_size").value == 2
+    assert ip.run_cell("%nbdist stop").success
+    # every slot taken: the pool's job waits (qw) until --timeout, then is deleted
+    blocker = sh("qsub", "-t", "1-4", "-o", "/dev/null", "-j", "y", "-b", "y", "sleep", "300").stdout
+    capsys.readouterr()
+    began = time.monotonic()
+    assert not ip.run_cell("%nbdist start -n 2 --launcher sge --gpus none --timeout 8").success
+    text = "".join(capsys.readouterr())
+    assert time.monotonic() - began < 40 and "is qw" in text and "cancelled" in text, text
+    sh("qdel", blocker.split()[2].split(".")[0])
+    deadline = time.monotonic() + 20
+    while qstat() and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert qstat() == []
+    code = ("import nbdist, time\npool = nbdist.Pool(2, launcher='sge', gpus='none', start_timeout=90)\n"
+            "print('UP', flush=True)\ntime.sleep(600)")
+    kernel = sp.Popen([sys.executable, "-c", code], stdout=sp.PIPE, text=True)
+    assert kernel.stdout is not None and kernel.stdout.readline().startswith("UP")
+    kernel.kill()
+    kernel.wait()
+    deadline = time.monotonic() + 30
+    while qstat() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert qstat() == []

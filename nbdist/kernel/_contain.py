@@ -8,6 +8,7 @@ that says what happened and what state was lost.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from concurrent import futures
 from typing import Any, Protocol
@@ -80,4 +81,11 @@ def gather_or_fail(ranks: Ranks, pending: list[Any], *, what: str, timeout: floa
         futures.wait(not_done, timeout=ranks.grace)
     stuck = [rank for rank, ar in enumerate(pending) if not ar.done()]
     reason = "failed" if errors else f"did not finish within {waited(asked, timeout)}"
-    raise settle(ranks, f"{what} {reason}.", errors, stuck=stuck)
+    exits = ranks.exits()
+    deadline = time.monotonic() + 3.0  # the controller's word of an engine's death may trail its failed task
+    while errors and not exits and "EngineError" in " ".join(errors.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        exits = ranks.exits()
+    if exits:
+        reason += f" ({'; '.join(x.describe() for x in exits)})"
+    raise settle(ranks, f"{what} {reason}.", errors, stuck=stuck, exits=exits)

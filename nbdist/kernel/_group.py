@@ -34,7 +34,8 @@ def form_group(cluster: EngineCluster, formation: Formation) -> None:
     if strategy is not None:
         strategy.check(len(engines), options)
     master = engines[0].address
-    port = views[0].apply_sync(engine_calls.free_port, master)
+    port = gather_or_fail(cluster, [views[0].apply_async(engine_calls.free_port, master)],
+                          what="choosing the rendezvous port", timeout=cluster.config.start_timeout)[0]
     peers: tuple[str, ...] = ()
     if spec.needs_peers:
         hosts = [e.address for e in engines]
