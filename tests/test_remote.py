@@ -23,6 +23,7 @@ from pathlib import Path
 import ipyparallel as ipp
 import psutil
 import pytest
+from _notebook import fresh_notebook
 from _procs import alive
 from IPython.core.interactiveshell import InteractiveShell
 from traitlets.config import Config
@@ -105,18 +106,8 @@ def _wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
 
 @pytest.fixture
 def fresh_shell() -> Iterator[tuple[InteractiveShell, NbdistMagics]]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "nbdist")
-    magics = ip.magics_manager.registry["NbdistMagics"]
-    assert isinstance(magics, NbdistMagics)
-    saved = magics.pool
-    magics.pool = None
-    try:
-        yield ip, magics
-    finally:
-        if magics.pool is not None and magics.pool.is_running:
-            magics.pool.stop()
-        magics.pool = saved
+    with fresh_notebook() as shell:
+        yield shell
 
 
 DDP = textwrap.dedent("""

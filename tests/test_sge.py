@@ -11,12 +11,12 @@ import os
 import re
 import shutil
 import subprocess
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _notebook import DDP_CELL, fresh_notebook, one_process
 from IPython.core.interactiveshell import InteractiveShell
 
 import nbdist
@@ -121,51 +121,8 @@ def sge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 @pytest.fixture
 def notebook(sge: None) -> Iterator[tuple[InteractiveShell, NbdistMagics]]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "nbdist")
-    magics = ip.magics_manager.registry["NbdistMagics"]
-    assert isinstance(magics, NbdistMagics)
-    saved = magics.pool
-    magics.pool = None
-    try:
-        yield ip, magics
-    finally:
-        if magics.pool is not None and magics.pool.is_running:
-            magics.pool.stop()
-        magics.pool = saved
-
-
-DDP = textwrap.dedent("""
-    import torch
-    from torch import nn
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    torch.manual_seed(0)
-    model = DDP(nn.Linear(4, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    g = torch.Generator().manual_seed(1)
-    X, Y = torch.randn(64, 4, generator=g), torch.randn(64, 1, generator=g)
-    for step in range(20):
-        opt.zero_grad()
-        nn.functional.mse_loss(model(X[rank::world_size]), Y[rank::world_size]).backward()
-        opt.step()
-    [round(float(v), 5) for v in torch.cat([p.detach().flatten() for p in model.parameters()])]
-""")
-
-
-def one_process() -> list[float]:
-    import torch
-    from torch import nn
-
-    torch.manual_seed(0)
-    model = nn.Linear(4, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    g = torch.Generator().manual_seed(1)
-    X, Y = torch.randn(64, 4, generator=g), torch.randn(64, 1, generator=g)
-    for _ in range(20):
-        opt.zero_grad()
-        sum(nn.functional.mse_loss(model(X[r::2]), Y[r::2]) for r in range(2)).div(2).backward()
-        opt.step()
-    return [round(float(v), 5) for v in torch.cat([p.detach().flatten() for p in model.parameters()])]
+    with fresh_notebook() as shell:
+        yield shell
 
 
 def test_a_pool_through_grid_engine_trains_recovers_and_leaves_no_job(
@@ -176,7 +133,7 @@ def test_a_pool_through_grid_engine_trains_recovers_and_leaves_no_job(
     assert pool is not None
     running = qstat()
     assert len(running) == 2 and all(" r " in f" {line} " for line in running)  # one array task per engine
-    assert ip.run_cell(f"%%distributed --no-dashboard\n{DDP}").result == one_process()
+    assert ip.run_cell(f"%%distributed --no-dashboard\n{DDP_CELL}").result == one_process(2)
     began = time.monotonic()
     with pytest.raises(nbdist.DistributedCellError) as info:
         pool.run("import os, time\nif rank == 1:\n    os.kill(os.getpid(), 9)\ntime.sleep(60)")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from _notebook import DDP_CELL, fresh_notebook, one_process
 from IPython.core.interactiveshell import InteractiveShell
 
 import nbdist
@@ -137,56 +138,12 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture
 def notebook(slurm: Path) -> Iterator[tuple[InteractiveShell, NbdistMagics]]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "nbdist")
-    magics = ip.magics_manager.registry["NbdistMagics"]
-    assert isinstance(magics, NbdistMagics)
-    saved = magics.pool
-    magics.pool = None
-    try:
-        yield ip, magics
-    finally:
-        if magics.pool is not None and magics.pool.is_running:
-            magics.pool.stop()
-        magics.pool = saved
-        sh("scancel", "-u", "root", check=False)
+    with fresh_notebook() as shell:
+        yield shell
+    sh("scancel", "-u", "root", check=False)
 
 
 START = "%nbdist start -n 4 --launcher slurm --gpus none --interface nbs-br --timeout 120"
-
-DDP = textwrap.dedent("""
-    import torch
-    from torch import nn
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    torch.manual_seed(0)
-    model = DDP(nn.Linear(4, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    g = torch.Generator().manual_seed(1)
-    X, Y = torch.randn(64, 4, generator=g), torch.randn(64, 1, generator=g)
-    for step in range(20):
-        opt.zero_grad()
-        nn.functional.mse_loss(model(X[rank::world_size]), Y[rank::world_size]).backward()
-        opt.step()
-    [round(float(v), 5) for v in torch.cat([p.detach().flatten() for p in model.parameters()])]
-""")
-
-
-def one_process() -> list[float]:
-    import torch
-    from torch import nn
-
-    torch.manual_seed(0)
-    model = nn.Linear(4, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    g = torch.Generator().manual_seed(1)
-    X, Y = torch.randn(64, 4, generator=g), torch.randn(64, 1, generator=g)
-    for _ in range(20):
-        opt.zero_grad()
-        # DDP averages the ranks' gradients of their own shard's mean loss
-        sum(nn.functional.mse_loss(model(X[r::4]), Y[r::4]) for r in range(4)).div(4).backward()
-        opt.step()
-    return [round(float(v), 5) for v in torch.cat([p.detach().flatten() for p in model.parameters()])]
-
 
 def test_a_pool_on_two_slurm_nodes_trains_and_leaves_no_job(notebook: tuple[InteractiveShell, NbdistMagics],
                                                             capsys: pytest.CaptureFixture[str]) -> None:
@@ -201,8 +158,8 @@ def test_a_pool_on_two_slurm_nodes_trains_and_leaves_no_job(notebook: tuple[Inte
     assert set(status["host"]) == set(NODES)
     jobs = squeue()
     assert len(jobs) == 1 and " RUNNING debug " in f" {jobs[0]} "
-    value = ip.run_cell(f"%%distributed --no-dashboard\n{DDP}").result
-    assert value == one_process()
+    value = ip.run_cell(f"%%distributed --no-dashboard\n{DDP_CELL}").result
+    assert value == one_process(4)
     assert ip.run_cell("%nbdist stop").success
     deadline = time.monotonic() + 15
     while squeue() and time.monotonic() < deadline:
