@@ -33,6 +33,17 @@ def _thin(xs: list[float], ys: list[float], limit: int) -> tuple[list[float], li
     return xs[::step], ys[::step]
 
 
+def _rank_style(rank: int) -> dict[str, Any]:
+    """Ranks with equal load or memory draw on top of each other: lower ranks draw wider and
+    higher ones dashed, so a line hidden under another still shows at its edges."""
+    return dict(label=f"rank {rank}", color=f"C{rank % 10}", lw=max(1.0, 3.0 - 0.7 * (rank % 4)),
+                ls=("-", "--", "-.", ":")[rank % 4], alpha=0.85)
+
+
+def _megabytes(value: float) -> str:
+    return f"{value:.2f} MB" if value < 10 else f"{value:,.0f} MB"
+
+
 def _lower_priority() -> None:
     """Runs on the drawing thread, which then only runs on a core nothing else wants. Linux
     takes a thread id here, so only this thread yields, never the user's kernel."""
@@ -154,7 +165,7 @@ class Dashboard:
         """Draw the current state now, on this thread: a JPEG frame while live, a tightly
         fitted PNG when `final`."""
         self._take_drawn(block=True)  # the figure is one thread's at a time
-        self._frame = self._prepare(FINAL_POINTS if final else LIVE_POINTS)
+        self._frame = self._prepare(FINAL_POINTS if final else LIVE_POINTS, final)
         frame = self.figure.draw(self._frame, final)
         self.renders += 1
         if not final:
@@ -181,7 +192,7 @@ class Dashboard:
         self.renders += 1
         self._update_widgets(picture, label)
 
-    def _prepare(self, limit: int) -> Frame:
+    def _prepare(self, limit: int, final: bool = False) -> Frame:
         """Copy from the store what the figure needs: the poll loop goes on adding to the store
         while the drawing thread works (`_thin` slices, so every list here is a copy)."""
         store = self.store
@@ -196,11 +207,17 @@ class Dashboard:
             frame.lines[("loss", "mean")] = Line(*mean, dict(color="black", ls="--", lw=1.2, label="mean"))
         samples_s, steps_s = store.throughput()
         self._rates = (samples_s, steps_s)
-        if store.train:
+        if samples_s > 0 or steps_s > 0:  # a rate needs two reports: no made-up 0 before them
             self._throughput.append((time.time() - t0, samples_s, steps_s))
+        if final and store.train:
+            # The picture that stays: rates through the whole run from the records, not only
+            # the one per live frame (a 2 s cell had two or three of those).
+            self._throughput = [(t - t0, *store.throughput(until=t)) for t in store.report_times(300)]
+        if self._throughput:
             times, rates, paces = (list(c) for c in zip(*self._throughput, strict=False))
             frame.lines[("throughput", "all")] = Line(*_thin(times, rates, limit), dict(color="tab:green"))
             frame.lines[("steps", "all")] = Line(*_thin(times, paces, limit), dict(color="tab:purple"))
+        states: list[str] = []
         for rank, series in sorted(store.load.items()):
             columns = series.columns
             gpu, gpu_mem = columns["gpu_util"], columns["gpu_mem_mb"]
@@ -208,17 +225,24 @@ class Dashboard:
             util = gpu if on_gpu else columns["cpu"]
             memory = gpu_mem if on_gpu else columns["rss_mb"]
             xs = [t - t0 for t in columns["t"]]
-            color = f"C{rank % 10}"
-            frame.lines[("load", rank)] = Line(*_thin(xs, util, limit), dict(label=f"rank {rank}", color=color))
-            frame.lines[("memory", rank)] = Line(*_thin(xs, memory, limit), dict(label=f"rank {rank}", color=color))
+            style = _rank_style(rank)
+            frame.lines[("load", rank)] = Line(*_thin(xs, util, limit), style)
+            frame.lines[("memory", rank)] = Line(*_thin(xs, memory, limit), style)
             state = [p + g + o for p, g, o in zip(columns["param_mb"], columns["grad_mb"],
                                                    columns["optim_mb"], strict=False)]
-            if any(v == v for v in state):  # parameters + gradients + optimizer state: what sharding divides
-                frame.lines[("memory", ("state", rank))] = Line(*_thin(xs, state, limit), dict(ls="--", color=color))
+            measured = [v for v in state if v == v]
+            if measured:  # parameters + gradients + optimizer state: what sharding divides
+                states.append(f"{rank}: {_megabytes(measured[-1])}")
+        if states:
+            frame.notes["memory"] = "model state per rank (params+grads+optimizer):\n" + " · ".join(states)
         ranks = sorted(store.train)
         shares = [store.comm_fraction(r) for r in ranks]
         if any(s is not None for s in shares):
             frame.comm = [(str(r), s or 0.0) for r, s in zip(ranks, shares, strict=True)]
+        elif ranks:
+            frame.notes["comm"] = ("not measured for this cell: nbdist times\nthe gradient all-reduce of "
+                                   "PyTorch DDP\n(--strategy ddp); FSDP, pipeline, tensor\nparallel and "
+                                   "TensorFlow collectives\nrun inside their libraries, untimed")
         return frame
 
     def _progress(self) -> float | None:

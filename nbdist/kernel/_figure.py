@@ -22,9 +22,9 @@ from typing import Any
 PANELS = {
     "loss": ("loss per rank and mean", "step"),
     "throughput": ("global throughput (samples/s)", "seconds"),
-    "comm": ("share of time in gradient allreduce", "rank"),
+    "comm": ("share of time communicating", "rank"),
     "load": ("device load (% of one core, or GPU util)", "seconds"),
-    "memory": ("memory MB: GPU or RSS, model state dashed", "seconds"),
+    "memory": ("memory MB (GPU, or process RSS)", "seconds"),
     "steps": ("steps/s (fastest rank)", "seconds"),
 }
 GROWING = tuple(name for name in PANELS if name != "comm")  # panels whose limits follow the data
@@ -43,8 +43,9 @@ class Frame:
     """What one picture shows, detached from the live metric store."""
 
     lines: dict[tuple[str, Any], Line] = field(default_factory=dict)
-    comm: list[tuple[str, float]] = field(default_factory=list)  # (rank label, allreduce share)
+    comm: list[tuple[str, float]] = field(default_factory=list)  # (rank label, communication share)
     total: int | None = None  # steps in the run, when the cell said
+    notes: dict[str, str] = field(default_factory=dict)  # panel -> a line of text drawn in it
 
     def points(self, axis: str) -> int:
         return sum(len(line.xs) for (name, _), line in self.lines.items() if name == axis)
@@ -61,6 +62,7 @@ class DashboardFigure:
         self._canvas: Any = None
         self._lines: dict[tuple[str, Any], Any] = {}
         self._bars: list[Any] = []
+        self._notes: dict[str, Any] = {}
         self._background: Any = None
         self._legend: tuple[str, ...] = ()  # labels of the legend's run lines
         self._stale: set[str] = set()  # panels whose static parts must be redrawn
@@ -73,6 +75,8 @@ class DashboardFigure:
             artist.set_data([], [])
         for bar in self._bars:
             bar.set_height(0.0)
+        for note in self._notes.values():
+            note.set_text("")
         self._opening = set(GROWING)
 
     def _build(self) -> None:
@@ -97,6 +101,13 @@ class DashboardFigure:
             ax.tick_params(labelsize=8)
             ax.grid(alpha=0.3)
         self.axes["comm"].set_ylim(0, 1)
+        self.axes["comm"].set_xticks([])  # no ranks until shares arrive (else -0.05 .. 0.05)
+        for name in ("memory", "comm"):
+            # Figures read as numbers: model state is a few MB beside hundreds of MB of process
+            # memory, invisible as a line on the same axis, so it is written, per rank.
+            self._notes[name] = self.axes[name].text(
+                0.02, 0.04, "", transform=self.axes[name].transAxes, va="bottom", ha="left", fontsize=8,
+                animated=True, bbox=dict(facecolor="white", alpha=0.8, edgecolor="none", pad=1.5))
         self._figure = fig
 
     def draw(self, frame: Frame, final: bool = False) -> bytes:
@@ -109,6 +120,8 @@ class DashboardFigure:
                 self._lines[key] = artist
             artist.set_data(line.xs, line.ys)
         self._draw_comm(frame.comm)
+        for name, note in self._notes.items():
+            note.set_text(frame.notes.get(name, ""))
         legend = [self._lines[key] for key in frame.lines if key[0] == "loss"]
         if not final:
             self._fit_axes(frame.total)
@@ -131,12 +144,13 @@ class DashboardFigure:
             self.axes[name].set_ylim(ylim)
         return picture
 
-    def _data_range(self, name: str) -> tuple[float, float, float] | None:
-        """(last x, lowest y, highest y) of a panel's lines, None while it has no data."""
+    def _data_range(self, name: str) -> tuple[float, float, float, float] | None:
+        """(first x, last x, lowest y, highest y) of a panel's lines, None while it has no data."""
         import numpy as np
 
         lines = [line for (axis, _), line in self._lines.items() if axis == name]
         xs = [float(x) for line in lines for x in line.get_xdata()[-1:]]
+        first = min((float(x) for line in lines for x in line.get_xdata()[:1]), default=0.0)
         ys = [np.asarray(line.get_ydata(), dtype=float) for line in lines]
         ys = [y[~np.isnan(y)] for y in ys]
         ys = [y for y in ys if y.size]
@@ -146,7 +160,7 @@ class DashboardFigure:
         hi = max(float(y.max()) for y in ys)
         if name == "load":
             hi = max(hi, 100.0)  # a busy core reads 100 %; keep that visible from the start
-        return max(xs), lo, hi
+        return first, max(xs), lo, hi
 
     def _fit_axes(self, total: int | None) -> None:
         """Grow limits in steps of 1-2-5 with headroom, so the costly background redraw
@@ -156,7 +170,7 @@ class DashboardFigure:
             data = self._data_range(name)
             if data is None:
                 continue
-            x_max, lo, hi = data
+            _, x_max, lo, hi = data
             opening = name in self._opening or self._background is None
             self._opening.discard(name)
             if opening or x_max > ax.get_xlim()[1]:
@@ -182,13 +196,17 @@ class DashboardFigure:
                 ax.set_xlim(0.0, 1.0)
                 ax.set_ylim(0.0, 1.0)
                 continue
-            x_max, lo, hi = data
-            ax.set_xlim(0.0, x_max * 1.02 or 1.0)
+            first, x_max, lo, hi = data
+            # Time panels span the data, not the cell from 0: a short cell's first measurement
+            # comes a second or so in, and would leave the left of the panel empty.
+            x_min = 0.0 if name == "loss" else first
+            pad = (x_max - x_min) * 0.02
+            ax.set_xlim(x_min - pad, x_max + pad if x_max > x_min else x_min + 1.0)
             ax.set_ylim(lo * 1.05, hi * 1.05 or 1.0)
 
     def _fit_legend(self, lines: list[Any]) -> None:
         """One legend for the figure, above the panels, where it never hides data. The
-        allreduce entries are there from the start: adding them later forced a full redraw."""
+        compute/communication entries are there from the start: adding them later forced a full redraw."""
         from matplotlib.patches import Patch
 
         labels = tuple(str(line.get_label()) for line in lines)
@@ -196,7 +214,7 @@ class DashboardFigure:
             return
         if self._figure.legends:
             self._figure.legends[0].remove()
-        handles = [*lines, Patch(color="silver", label="compute"), Patch(color="darkred", label="allreduce")]
+        handles = [*lines, Patch(color="silver", label="compute"), Patch(color="darkred", label="communication")]
         self._figure.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False)
         self._legend = labels
         self._background = None
@@ -235,7 +253,7 @@ class DashboardFigure:
                 self._redraw_axes(sorted(self._stale))
         self._stale.clear()
         for ax in self.axes.values():
-            for artist in [*ax.get_lines(), *ax.patches]:
+            for artist in [*ax.get_lines(), *ax.patches, *ax.texts]:
                 if artist.get_animated():
                     ax.draw_artist(artist)
         rgba = canvas.buffer_rgba()
@@ -259,8 +277,10 @@ class DashboardFigure:
                 bar.remove()
             compute = ax.bar(labels, [1 - v for v in values], color="silver", label="compute", animated=True)
             allreduce = ax.bar(labels, values, bottom=[1 - v for v in values], color="darkred",
-                               label="allreduce", animated=True)
+                               label="communication", animated=True)
             self._bars = [*compute, *allreduce]
+            ax.set_xticks(range(len(labels)), labels)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
             self._stale.add("comm")  # its rank labels are new
         n = len(comm)
         for i, v in enumerate(values):

@@ -37,7 +37,7 @@ class ScalingReport:
         eff.bar([str(x) for x in n], self.table.efficiency, color="tab:green")
         eff.set(title="scaling efficiency", xlabel="engines", ylim=(0, 1.1))
         for engines, series in self.losses.items():
-            loss.plot(series.index, series.values, label=f"{engines} engines", lw=1)
+            loss.plot(series.index, series.values, label=f"{engines} engine{'' if engines == 1 else 's'}", lw=1)
         loss.set(title="mean loss by step", xlabel="step")
         loss.legend(fontsize=8)
         return fig

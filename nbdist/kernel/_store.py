@@ -76,25 +76,36 @@ class MetricStore:
         steps = [s.columns["step"][-1] for s in self.train.values() if len(s)]
         return min(steps) if steps else None
 
-    def throughput(self, window: float = 2.0) -> tuple[float, float]:
-        """(global samples/s, steps/s) over the last `window` seconds of reports."""
+    def throughput(self, window: float = 2.0, until: float | None = None) -> tuple[float, float]:
+        """(global samples/s, steps/s) over the `window` seconds of reports before `until`
+        (a wall-clock time; the latest report by default)."""
         samples = 0.0
         steps_per_s = 0.0
         for series in self.train.values():
             t = series.columns["t"]
-            if len(t) < 2:
+            last = len(t) - 1 if until is None else bisect.bisect_right(t, until) - 1
+            if last < 1:
                 continue
-            end = t[-1]
-            first = bisect.bisect_left(t, end - window)  # reports arrive in time order per rank
-            if first >= len(t) - 1:
-                first = max(0, len(t) - 2)
+            end = t[last]
+            first = bisect.bisect_left(t, end - window, 0, last)  # reports arrive in time order per rank
+            if first >= last:
+                first = last - 1
             span = end - t[first]
             if span <= 0:
                 continue
-            samples += sum(v for v in series.columns["samples"][first + 1:] if v == v) / span
+            samples += sum(v for v in series.columns["samples"][first + 1:last + 1] if v == v) / span
             steps = series.columns["step"]
-            steps_per_s = max(steps_per_s, (steps[-1] - steps[first]) / span)
+            steps_per_s = max(steps_per_s, (steps[last] - steps[first]) / span)
         return samples, steps_per_s
+
+    def report_times(self, limit: int) -> list[float]:
+        """Up to `limit` evenly spaced times from the second report (the first rate) to the last."""
+        ends = [s.columns["t"] for s in self.train.values() if len(s) >= 2]
+        if not ends:
+            return []
+        start, end = min(t[1] for t in ends), max(t[-1] for t in ends)
+        count = max(2, min(limit, sum(len(t) for t in ends)))
+        return [start + (end - start) * i / (count - 1) for i in range(count)]
 
     def comm_fraction(self, rank: int) -> float | None:
         """Share of step time spent in gradient allreduce (None when not measured)."""

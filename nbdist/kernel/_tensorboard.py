@@ -43,20 +43,23 @@ def _writer(folder: str) -> Any:
     except ImportError:
         raise ConfigError("writing TensorBoard events needs the tensorboard package: "
                           "pip install 'nbdist[tensorboard]' (or pip install tensorboard)") from None
-    return EventFileWriter(folder)
+    return EventFileWriter(folder, max_queue_size=1 << 20)
 
 
 class _Run:
-    """One run folder's event file."""
+    """One run folder's event file. Every value of one step goes in one event: TensorBoard's
+    writer checksums each record in pure Python, so fewer, fuller records cost far less."""
 
     def __init__(self, folder: str) -> None:
         self.writer = _writer(folder)
 
-    def scalar(self, tag: str, value: float, step: int, wall_time: float) -> None:
+    def scalars(self, values: Mapping[str, float], step: int, wall_time: float) -> None:
+        if not values:
+            return
         from tensorboard.compat.proto.event_pb2 import Event
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value))])
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
         self.writer.add_event(Event(wall_time=wall_time, step=int(step), summary=summary))
 
     def close(self) -> None:
@@ -67,6 +70,11 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         return None  # NaN: a field this row did not report (a DataFrame's empty cell)
     return float(value)
+
+
+def _scalars(row: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    numbers = {f"{prefix}{key}": _number(value) for key, value in row.items() if key not in NOT_SCALARS}
+    return {key: number for key, number in numbers.items() if number is not None}
 
 
 def write_cell(rows: Iterable[Mapping[str, Any]], logdir: str, run: str) -> str:
@@ -88,19 +96,13 @@ def write_cell(rows: Iterable[Mapping[str, Any]], logdir: str, run: str) -> str:
             if row.get("kind") == "load":
                 index = len(loads[rank])
                 loads[rank].append(row)
-                for key, value in row.items():
-                    number = _number(value)
-                    if key not in NOT_SCALARS and number is not None:
-                        to(f"rank{rank}").scalar(f"load/{key}", number, index, t)
+                to(f"rank{rank}").scalars(_scalars(row, "load/"), index, t)
                 continue
             reported = _number(row.get("step"))
             step = int(reported) if reported is not None else seen[rank]
             seen[rank] += 1
             by_step[step].append(row)
-            for key, value in row.items():
-                number = _number(value)
-                if key not in NOT_SCALARS and number is not None:
-                    to(f"rank{rank}").scalar(key, number, step, t)
+            to(f"rank{rank}").scalars(_scalars(row), step, t)
         _pool_figures(by_step, loads, to)
     finally:
         for written in runs.values():
@@ -120,22 +122,22 @@ def _pool_figures(by_step: Mapping[int, list[Mapping[str, Any]]], loads: Mapping
             continue
         done = max(float(row.get("t") or 0.0) for row in rows)
         if previous is not None and done > previous:
-            span = done - previous
+            span, figures = done - previous, {}
             samples = [_number(row.get("samples")) for row in rows]
             if all(s is not None for s in samples):
-                to("pool").scalar("throughput/samples_per_s", sum(s for s in samples if s is not None) / span,
-                                  step, done)
+                figures["throughput/samples_per_s"] = sum(s for s in samples if s is not None) / span
             comm = [_number(row.get("comm_s")) for row in rows]
             if all(c is not None for c in comm):
-                share = sum(c for c in comm if c is not None) / (span * len(rows))
-                to("pool").scalar("comm/share", min(share, 1.0), step, done)
+                figures["comm/share"] = min(sum(c for c in comm if c is not None) / (span * len(rows)), 1.0)
+            if figures:
+                to("pool").scalars(figures, step, done)
         previous = done
     if loads:
         for index in range(min(len(samples) for samples in loads.values())):
             cpus = [_number(rows[index].get("cpu")) for rows in loads.values()]
             if all(c is not None for c in cpus):
                 t = max(float(rows[index].get("t") or 0.0) for rows in loads.values())
-                to("pool").scalar("load/cpu_mean", sum(c for c in cpus if c is not None) / len(cpus), index, t)
+                to("pool").scalars({"load/cpu_mean": sum(c for c in cpus if c is not None) / len(cpus)}, index, t)
 
 
 def write_history(rows: Iterable[Mapping[str, Any]], logdir: str) -> list[str]:
