@@ -14,7 +14,7 @@ import nbdist
 from nbdist.kernel._magics import NbdistMagics
 
 pytest.importorskip("tensorboard")
-from nbdist.kernel._tensorboard import _without_tensorflow  # noqa: E402
+from nbdist.kernel._tensorboard import TensorBoardObserver, _without_tensorflow, flush  # noqa: E402
 
 _without_tensorflow()  # the reader too would import all of TensorFlow for its file access
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -45,6 +45,7 @@ def test_the_tensorboard_option_writes_what_the_history_holds(shell: Interactive
     before = len(pool.history)
     assert shell.run_cell(f"%%distributed --no-dashboard --tensorboard {tmp_path}\n{CELL}").success
     frame = nbdist.history(pool).iloc[before:]
+    assert flush() == [str(only_run(tmp_path))]  # written by the helper process after the cell returned
     run = only_run(tmp_path)
     assert run.name.endswith(f"-cell{frame.cell.iloc[0]}")
     for rank in (0, 1):
@@ -73,3 +74,46 @@ def test_the_history_writes_itself_after_the_fact(pool: nbdist.Pool, tmp_path: P
     mine = last[(last.kind == "train") & (last["rank"] == 1)]
     assert [s for s, _ in written["loss"]] == mine.step.astype(int).tolist()
     assert [round(v, 5) for _, v in written["loss"]] == [round(v, 5) for v in mine.loss]
+
+
+def _store(rows: int) -> Any:
+    from nbdist.kernel._store import MetricStore
+
+    store = MetricStore("7")
+    for rank in (0, 1):
+        for i in range(rows):
+            store._add(rank, {"t": 1e9 + i * 0.01, "step": i, "loss": 1.0 / (i + 1), "samples": 8})
+    return store
+
+
+def test_a_folder_that_cannot_be_made_is_refused_before_the_cell(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(nbdist.ConfigError, match="cannot make that folder"):
+        TensorBoardObserver(str(blocker / "runs"))
+
+
+def test_a_write_that_fails_later_is_said_not_lost_in_silence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    logdir = tmp_path / "runs"
+    observer = TensorBoardObserver(str(logdir))
+    logdir.rmdir()
+    logdir.write_text("")  # the folder became a file between the option and the cell's end
+    observer.cell_started(_store(5))
+    observer.cell_finished(ok=True)
+    assert flush() == []
+    assert "writing TensorBoard events failed" in capsys.readouterr().err
+
+
+def test_the_writer_finishes_its_jobs_and_exits_when_the_kernel_goes(tmp_path: Path) -> None:
+    """A kernel that ends (or is killed) closes the pipe: the child writes what it was given,
+    then exits, leaving the events whole and no process behind."""
+    from nbdist.kernel._tbwriter import BackgroundWriter
+
+    writer = BackgroundWriter()
+    writer.submit(_store(3000).records, str(tmp_path), "run")
+    proc = writer._proc
+    assert proc is not None
+    writer.close()
+    assert proc.wait(timeout=60) == 0
+    written = scalars(tmp_path / "run" / "rank1")
+    assert [s for s, _ in written["loss"]] == list(range(3000))

@@ -156,12 +156,18 @@ def run_name(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 class TensorBoardObserver:
-    """Writes each cell's metrics to TensorBoard when the cell ends (`--tensorboard DIR`)."""
+    """Writes each cell's metrics to TensorBoard once the cell ends (`--tensorboard DIR`), in a
+    helper process (`_tbwriter`), so the cell returns without waiting for the writing."""
 
     def __init__(self, logdir: str) -> None:
         if importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("--tensorboard needs the tensorboard package: pip install 'nbdist[tensorboard]' "
                               "(or pip install tensorboard), or leave the option out")
+        try:
+            os.makedirs(logdir, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--tensorboard {logdir}: cannot make that folder ({exc.strerror}): "
+                              "give a folder you can write to") from None
         self.logdir = logdir
         self._store: MetricStore | None = None
 
@@ -172,5 +178,15 @@ class TensorBoardObserver:
         pass
 
     def cell_finished(self, ok: bool) -> None:
+        from nbdist.kernel._tbwriter import WRITER
+
         if self._store is not None and self._store.records:
-            write_cell(self._store.records, self.logdir, run_name(self._store.records))
+            WRITER.submit(self._store.records, self.logdir, run_name(self._store.records))
+
+
+def flush(timeout: float | None = 60.0) -> list[str]:
+    """Wait until the events of every `--tensorboard` cell so far are on disk; return their run
+    folders. Cells return before their events are written (TensorBoard reloads on its own)."""
+    from nbdist.kernel._tbwriter import WRITER
+
+    return WRITER.flush(timeout)
