@@ -144,10 +144,8 @@ def whole_cell_rate(pool: nbdist.Pool, steps: int, tensorboard: str | None,
              f"train(steps={steps}, report=True, width=64)", observers=[DASHBOARD], tensorboard=tensorboard)
     rate = steps / (time.perf_counter() - t)
     if tensorboard is not None:
-        from nbdist.kernel._tensorboard import flush
-
         returned = time.perf_counter()
-        flush()
+        nbdist.flush_tensorboard()
         if written_after is not None:
             written_after.append(time.perf_counter() - returned)
     return rate

@@ -39,6 +39,7 @@ __all__ = [
     "PoolWidget",
     "ScalingReport",
     "breakpoint",
+    "flush_tensorboard",
     "history",
     "report",
     "scaling_report",
@@ -101,3 +102,12 @@ def history(pool: Pool | None = None) -> Any:
 
         pool = notebook_pool()
     return pool.history.frame()
+
+
+def flush_tensorboard(timeout: float | None = 60.0) -> list[str]:
+    """Wait until the events of every `--tensorboard` cell so far are on disk, and return their
+    run folders: cells return before their events are written, which a script reading them at
+    once needs to wait for (TensorBoard itself reloads on its own)."""
+    from nbdist.kernel._tensorboard import flush
+
+    return flush(timeout)

@@ -14,7 +14,7 @@ import nbdist
 from nbdist.kernel._magics import NbdistMagics
 
 pytest.importorskip("tensorboard")
-from nbdist.kernel._tensorboard import TensorBoardObserver, _without_tensorflow, flush  # noqa: E402
+from nbdist.kernel._tensorboard import TensorBoardObserver, _without_tensorflow  # noqa: E402
 
 _without_tensorflow()  # the reader too would import all of TensorFlow for its file access
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -45,7 +45,8 @@ def test_the_tensorboard_option_writes_what_the_history_holds(shell: Interactive
     before = len(pool.history)
     assert shell.run_cell(f"%%distributed --no-dashboard --tensorboard {tmp_path}\n{CELL}").success
     frame = nbdist.history(pool).iloc[before:]
-    assert flush() == [str(only_run(tmp_path))]  # written by the helper process after the cell returned
+    # Written by the helper process after the cell returned:
+    assert nbdist.flush_tensorboard() == [str(only_run(tmp_path))]
     run = only_run(tmp_path)
     assert run.name.endswith(f"-cell{frame.cell.iloc[0]}")
     for rank in (0, 1):
@@ -93,14 +94,15 @@ def test_a_folder_that_cannot_be_made_is_refused_before_the_cell(tmp_path: Path)
         TensorBoardObserver(str(blocker / "runs"))
 
 
-def test_a_write_that_fails_later_is_said_not_lost_in_silence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_write_that_fails_later_is_said_not_lost_in_silence(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
     logdir = tmp_path / "runs"
     observer = TensorBoardObserver(str(logdir))
     logdir.rmdir()
     logdir.write_text("")  # the folder became a file between the option and the cell's end
     observer.cell_started(_store(5))
     observer.cell_finished(ok=True)
-    assert flush() == []
+    assert nbdist.flush_tensorboard() == []
     assert "writing TensorBoard events failed" in capsys.readouterr().err
 
 
