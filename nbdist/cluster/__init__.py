@@ -11,7 +11,8 @@ from nbdist.cluster._config import PoolConfig, parse_gpus, resolve_config, resol
 from nbdist.cluster._doctor import Check, diagnose
 from nbdist.cluster._exits import EngineExit
 from nbdist.cluster._launch import LaunchPlan, make_plan
-from nbdist.cluster._streams import Outputs, forget_outputs, outputs_of
+from nbdist.cluster._streams import Outputs, forget_outputs, outputs_of, published
 
 __all__ = ["Check", "EngineCluster", "EngineExit", "EngineInfo", "LaunchPlan", "Outputs", "PoolConfig", "diagnose",
-           "forget_outputs", "make_plan", "outputs_of", "parse_gpus", "resolve_config", "resolve_options"]
+           "forget_outputs", "make_plan", "outputs_of", "parse_gpus", "published", "resolve_config",
+           "resolve_options"]

@@ -79,7 +79,6 @@ def run_cell(
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, KeyboardInterrupt too
         _CONTEXT.last_failure = exc
         _end_metrics(sampler, reporter)
-        _flush_streams()
         close_channels()
         return CellOutcome(
             rank=rank,
@@ -92,7 +91,6 @@ def run_cell(
         )
     _end_metrics(sampler, reporter)
     _show_figures()
-    _flush_streams()
     close_channels()
     display = None
     if want_value and value is not None:
@@ -140,9 +138,3 @@ def _show_figures() -> None:
         plt.close("all")
 
 
-def _flush_streams() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001 - a closed stream must not hide the cell's result
-            pass

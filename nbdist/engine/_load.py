@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -11,7 +13,9 @@ import psutil
 SAMPLE_SECONDS = 0.5
 
 
+@functools.cache
 def _gpu_probe(gpu: str | None) -> Callable[[], dict[str, float]] | None:
+    """Once per engine and GPU set: NVML's init and handle lookups cost more than a no-op cell."""
     if gpu is None:
         return None
     try:
@@ -31,28 +35,80 @@ def _gpu_probe(gpu: str | None) -> Callable[[], dict[str, float]] | None:
     return probe
 
 
+_PROCESSES: dict[int, psutil.Process] = {}
+
+
+def _this_process() -> psutil.Process:
+    pid = os.getpid()  # keyed by pid: a forked child must not read its parent's figures
+    if pid not in _PROCESSES:
+        _PROCESSES[pid] = psutil.Process(pid)
+    return _PROCESSES[pid]
+
+
+class _Ticker:
+    """One thread per engine that samples the running cell's `LoadSampler`, asleep between
+    cells. Starting and joining a thread (and building psutil's view of the process) for each
+    cell cost a no-op cell a third of its time on the engine."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # held while a sample is taken: `detach` waits for it
+        self._active: LoadSampler | None = None
+        self._changed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def attach(self, sampler: LoadSampler) -> None:
+        with self._lock:
+            self._active = sampler
+            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._loop, name="nbdist-load", daemon=True)
+                self._thread.start()
+        self._changed.set()
+
+    def detach(self, sampler: LoadSampler) -> None:
+        """After this returns, no sample of `sampler` is taken or in progress."""
+        with self._lock:
+            if self._active is sampler:
+                self._active = None
+        self._changed.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._changed.wait()
+            self._changed.clear()
+            sampler = self._active
+            # Sample every `interval` from the cell's start; a new cell starts the count again.
+            while sampler is not None and not self._changed.wait(sampler.interval):
+                with self._lock:
+                    if self._active is not sampler:
+                        break
+                    sampler.tick()
+
+
+_TICKER = _Ticker()
+
+
 class LoadSampler:
-    """A daemon thread that samples about twice a second and hands records to `sink`."""
+    """Samples about twice a second while a cell runs, handing records to `sink`."""
 
     def __init__(self, sink: Callable[[dict[str, Any]], None], gpu: str | None,
                  interval: float = SAMPLE_SECONDS, extra: Callable[[], dict[str, float]] | None = None) -> None:
         self._sink = sink
         # The backend's parameter / gradient / optimizer memory. It reads tensors (`.grad`) that
         # backward writes without the GIL, so it runs on the training thread between steps
-        # (`between_steps`): scanned from this thread it crashed engines with SIGSEGV.
+        # (`between_steps`): scanned from the sampling thread it crashed engines with SIGSEGV.
         self._extra = extra
         self._extra_due = threading.Event()
         self._extra_due.set()  # the first report scans: samples carry memory from the start
         self._extra_values: dict[str, float] = {}
-        self._interval = interval
+        self.interval = interval
         self._gpu = _gpu_probe(gpu)
-        self._process = psutil.Process()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="nbdist-load", daemon=True)
+        self._process = _this_process()
 
     def start(self) -> LoadSampler:
-        self._process.cpu_percent(None)  # prime: the first reading is always 0
-        self._thread.start()
+        self._process.cpu_percent(None)  # prime: the first reading covers the cell from here
+        _TICKER.attach(self)
         return self
 
     def sample(self) -> dict[str, Any]:
@@ -67,6 +123,9 @@ class LoadSampler:
         self._extra_due.set()
         return record
 
+    def tick(self) -> None:
+        self._sink(self.sample())
+
     def between_steps(self) -> None:
         """Called by the training thread (`nbdist.report()`); scans memory once per sample."""
         if self._extra is None or not self._extra_due.is_set():
@@ -77,10 +136,5 @@ class LoadSampler:
         except RuntimeError:  # the cell changed its namespace mid-scan: next sample
             pass
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._sink(self.sample())
-
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2 * self._interval)
+        _TICKER.detach(self)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from nbdist.cluster import published
 from nbdist.engine._debug import DEBUG_KEY_PREFIX
 
 
@@ -17,7 +18,7 @@ class DebugRelay:
 
     def serve(self, rank: int, ar: Any, ask: Any = input) -> bool:
         """Answer every new prompt from `ar`; True if there was one."""
-        data = ar.metadata.get("data") or {}
+        data = published(ar)
         keys = sorted((k for k in data if k.startswith(DEBUG_KEY_PREFIX) and (rank, k) not in self._answered),
                       key=lambda k: int(k.rpartition(":")[2]))
         for key in keys:

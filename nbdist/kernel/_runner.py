@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from nbdist._errors import DistributedCellError
 from nbdist._say import say
 from nbdist._wire import CellOutcome, remote_traceback, shown
-from nbdist.cluster import EngineExit, forget_outputs
+from nbdist.cluster import EngineExit, forget_outputs, published
 from nbdist.engine import _cell as engine_cell
 from nbdist.engine._stacks import STACK_KEY_PREFIX
 from nbdist.kernel._contain import LOST_STATE, Ranks, settle
@@ -271,7 +271,7 @@ class CellRunner:
             for r in ranks:
                 new = sorted(_stack_keys(pending[r]) - seen[r], key=lambda k: int(k.rpartition(":")[2]))
                 if new and r not in dumps:
-                    dumps[r] = str(pending[r].metadata["data"][new[-1]])
+                    dumps[r] = str(published(pending[r])[new[-1]])
         return {r: parse(dumps[r]) if r in dumps else None for r in ranks}
 
     def _check_subset(self, pending: dict[int, Any], stream: OutputStream) -> None:
@@ -289,7 +289,7 @@ class CellRunner:
 
     def _collect(self) -> None:
         for rank, ar in self._pending.items():
-            self.store.ingest(rank, ar.metadata.get("data") or {})
+            self.store.ingest(rank, published(ar))
 
     def _engine_died(self, exits: list[EngineExit], done: dict[int, CellOutcome]) -> DistributedCellError:
         # A rank whose engine died has only ipyparallel's own traceback: nothing of the user's.
@@ -336,7 +336,7 @@ _UNSEEN = object()
 
 
 def _stack_keys(ar: Any) -> set[str]:
-    return {k for k in (ar.metadata.get("data") or {}) if k.startswith(STACK_KEY_PREFIX)}
+    return {k for k in published(ar) if k.startswith(STACK_KEY_PREFIX)}
 
 
 def _stuck(now: Where | None, before: Any) -> bool:
