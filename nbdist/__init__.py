@@ -108,6 +108,6 @@ def flush_tensorboard(timeout: float | None = 60.0) -> list[str]:
     """Wait until the events of every `--tensorboard` cell so far are on disk, and return their
     run folders: cells return before their events are written, which a script reading them at
     once needs to wait for (TensorBoard itself reloads on its own)."""
-    from nbdist.kernel._tensorboard import flush
+    from nbdist.kernel._tbwriter import flush
 
     return flush(timeout)

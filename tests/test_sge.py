@@ -179,13 +179,20 @@ def test_a_deleted_job_a_pending_job_and_a_killed_kernel(notebook: tuple[Interac
     assert ip.run_cell("%nbdist start -n 2 --launcher sge --gpus none --timeout 90").success
     pool = magics.pool
     assert pool is not None
+    capsys.readouterr()
     sh("qdel", qstat()[0].split()[0])
     began = time.monotonic()
-    with pytest.raises(nbdist.DistributedCellError) as info:
-        pool.run("import time\ntime.sleep(60)")
-    # the deleted job's engines die during the cell, or while it forms the process group
-    assert time.monotonic() - began < 30 and info.value.lost_state
-    assert "EngineDied" in info.value.summary or "stopped answering the controller" in info.value.summary
+    try:
+        pool.run("import time\ntime.sleep(20)")
+    except nbdist.DistributedCellError as error:
+        # the deleted job's engines died during the cell, or while it formed the process group
+        assert error.lost_state
+        assert "EngineDied" in error.summary or "stopped answering the controller" in error.summary
+    else:
+        # or before it started (qdel is quick on a busy machine): replaced first, and said so
+        said = "".join(capsys.readouterr())
+        assert "since the last cell" in said and "fresh engines" in said, said
+    assert time.monotonic() - began < 40
     assert pool.run("world_size").value == 2
     assert ip.run_cell("%nbdist stop").success
     # every slot taken: the pool's job waits (qw) until --timeout, then is deleted

@@ -14,7 +14,8 @@ import nbdist
 from nbdist.kernel._magics import NbdistMagics
 
 pytest.importorskip("tensorboard")
-from nbdist.kernel._tensorboard import TensorBoardObserver, _without_tensorflow  # noqa: E402
+from nbdist.kernel._tbwriter import TensorBoardObserver  # noqa: E402
+from nbdist.kernel._tensorboard import _without_tensorflow  # noqa: E402
 
 _without_tensorflow()  # the reader too would import all of TensorFlow for its file access
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402

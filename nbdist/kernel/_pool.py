@@ -268,7 +268,7 @@ class Pool:
         self.ensure_backend(backend, formation)
         watchers = list(observers)
         if tensorboard is not None:
-            from nbdist.kernel._tensorboard import TensorBoardObserver
+            from nbdist.kernel._tbwriter import TensorBoardObserver
 
             watchers.append(TensorBoardObserver(tensorboard))
         runner = CellRunner(cluster, output=output, observers=watchers, history=self.history)

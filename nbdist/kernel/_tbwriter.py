@@ -10,11 +10,15 @@ Jobs go by file, not through the pipe: a pipe holds 64 KiB, and a kernel writing
 records to a child that gets no CPU while the engines train would block until the child read
 them. The child exits when the kernel closes its end of the pipe, after the jobs it was given, so
 a killed kernel loses no events and leaves no process behind once they are written.
+
+`TensorBoardObserver` is the `--tensorboard` option's cell observer that hands each cell over;
+`_tensorboard` holds the writing itself, which runs in the child.
 """
 
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import json
 import os
 import pickle
@@ -26,7 +30,10 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
+from nbdist._errors import ConfigError
 from nbdist._say import say
+from nbdist.kernel._store import MetricStore
+from nbdist.kernel._tensorboard import run_name, write_cell
 
 
 class BackgroundWriter:
@@ -96,6 +103,39 @@ WRITER = BackgroundWriter()
 atexit.register(WRITER.close)
 
 
+class TensorBoardObserver:
+    """Writes each cell's metrics to TensorBoard once the cell ends (`--tensorboard DIR`), in a
+    helper process (below), so the cell returns without waiting for the writing."""
+
+    def __init__(self, logdir: str) -> None:
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install 'nbdist[tensorboard]' "
+                              "(or pip install tensorboard), or leave the option out")
+        try:
+            os.makedirs(logdir, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--tensorboard {logdir}: cannot make that folder ({exc.strerror}): "
+                              "give a folder you can write to") from None
+        self.logdir = logdir
+        self._store: MetricStore | None = None
+
+    def cell_started(self, store: MetricStore) -> None:
+        self._store = store
+
+    def cell_polled(self) -> None:
+        pass
+
+    def cell_finished(self, ok: bool) -> None:
+        if self._store is not None and self._store.records:
+            WRITER.submit(self._store.records, self.logdir, run_name(self._store.records))
+
+
+def flush(timeout: float | None = 60.0) -> list[str]:
+    """Wait until the events of every `--tensorboard` cell so far are on disk; return their run
+    folders. Cells return before their events are written (TensorBoard reloads on its own)."""
+    return WRITER.flush(timeout)
+
+
 def _idle_priority() -> None:
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
@@ -104,8 +144,6 @@ def _idle_priority() -> None:
 
 
 def _serve(jobs: IO[bytes], answers: IO[str]) -> None:
-    from nbdist.kernel._tensorboard import write_cell
-
     for line in jobs:
         path = line.decode().strip()
         try:

@@ -11,7 +11,6 @@ all ranks, the share of time the ranks spent communicating, and mean CPU load.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import sys
@@ -22,7 +21,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from nbdist._errors import ConfigError
-from nbdist.kernel._store import MetricStore
 
 NOT_SCALARS = frozenset({"cell", "rank", "kind", "t", "step", "total"})
 
@@ -153,40 +151,3 @@ def run_name(rows: Sequence[Mapping[str, Any]]) -> str:
     days (whose cells are numbered from 1 again) never share a folder and sort in time."""
     started = min((float(row["t"]) for row in rows if _number(row.get("t")) is not None), default=time.time())
     return f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}-cell{rows[0].get('cell') or 0}"
-
-
-class TensorBoardObserver:
-    """Writes each cell's metrics to TensorBoard once the cell ends (`--tensorboard DIR`), in a
-    helper process (`_tbwriter`), so the cell returns without waiting for the writing."""
-
-    def __init__(self, logdir: str) -> None:
-        if importlib.util.find_spec("tensorboard") is None:
-            raise ConfigError("--tensorboard needs the tensorboard package: pip install 'nbdist[tensorboard]' "
-                              "(or pip install tensorboard), or leave the option out")
-        try:
-            os.makedirs(logdir, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"--tensorboard {logdir}: cannot make that folder ({exc.strerror}): "
-                              "give a folder you can write to") from None
-        self.logdir = logdir
-        self._store: MetricStore | None = None
-
-    def cell_started(self, store: MetricStore) -> None:
-        self._store = store
-
-    def cell_polled(self) -> None:
-        pass
-
-    def cell_finished(self, ok: bool) -> None:
-        from nbdist.kernel._tbwriter import WRITER
-
-        if self._store is not None and self._store.records:
-            WRITER.submit(self._store.records, self.logdir, run_name(self._store.records))
-
-
-def flush(timeout: float | None = 60.0) -> list[str]:
-    """Wait until the events of every `--tensorboard` cell so far are on disk; return their run
-    folders. Cells return before their events are written (TensorBoard reloads on its own)."""
-    from nbdist.kernel._tbwriter import WRITER
-
-    return WRITER.flush(timeout)
