@@ -9,21 +9,11 @@ poll loop, output and metrics collection)."""
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
-from collections.abc import Callable
+
+from run import median_ms as _median_ms  # beside this file: `python benchmarks/warm_cell.py`
 
 import nbdist
-
-
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
 
 
 def _engine_side_ms(repeats: int) -> float:
