@@ -9,9 +9,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
 TARGET = HERE / ".peers"
-PEERS = {"nbdistributed": "0.1.0", "accelerate": "1.15.0"}
-# Their dependencies that the project's environment lacks (torch, pyzmq, IPython are there).
-EXTRA = ["huggingface_hub", "safetensors", "hf-xet"]
+PEERS = {"nbdistributed": "0.1.0", "accelerate": "1.15.0", "torchmonarch": "0.7.0"}
+# Their dependencies that the project's environment lacks (torch, pyzmq, IPython are there):
+# Accelerate's, then those torchmonarch's actors import.
+EXTRA = ["huggingface_hub", "safetensors", "hf-xet",
+         "opentelemetry-api", "pyre-extensions", "typing-inspect", "mypy-extensions", "tabulate"]
 
 
 def ensure() -> dict[str, str]:
