@@ -109,3 +109,20 @@ def test_a_short_cell_at_the_wall_clock_now_draws() -> None:
     store.ingest(0, {f"{KEY_PREFIX}0": [{"t": now + i * 0.05, "step": i, "loss": 1.0, "samples": 4}
                                         for i in range(3)]})
     assert dashboard.render(final=True)[:4] == b"\x89PNG"
+
+
+def test_a_note_is_redrawn_when_its_words_change_and_only_then() -> None:
+    """Notes are part of their panel's background: drawn with every frame, their glyphs were
+    most of a frame's cost. A frame whose notes say the same blits; new words redraw that panel."""
+    dashboard = _cell(comm=False)
+    first = dashboard.render()
+    drawn = (dashboard.full_draws, dashboard.partial_draws)
+    assert dashboard.render() and (dashboard.full_draws, dashboard.partial_draws) == drawn
+    more = {"kind": "load", "t": T0 + 2.5, "cpu": 97.0, "rss_mb": 350.0, "param_mb": 1.0, "grad_mb": 1.0,
+            "optim_mb": 2.0}
+    assert dashboard.store is not None
+    dashboard.store.ingest(0, {f"{KEY_PREFIX}1": [more]})  # the rank's next batch
+    changed = dashboard.render()
+    assert dashboard.partial_draws == drawn[1] + 1
+    assert "0: 4.00 MB" in dashboard.figure.axes["memory"].texts[0].get_text()
+    assert changed != first

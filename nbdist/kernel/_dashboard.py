@@ -6,7 +6,7 @@ low-priority thread. The kernel shares the cores with the engines, and a redraw 
 priority preempts a training rank, which stalls every rank at the next allreduce. Even on a
 SCHED_IDLE thread the drawing's CPU time showed up, nearly one for one, as lost throughput on 2
 busy cores, so the figure is kept from cell to cell and its costly parts are few: ~0.1 s of
-drawing per cell plus ~3 ms a frame (`benchmarks/run.py`: 0.99x of the dashboard off). When the
+drawing per cell plus ~6 ms a frame (`benchmarks/run.py`: 0.99x of the dashboard off). When the
 cell ends the widget is replaced by a static PNG, so executed notebooks show the plots on GitHub,
 nbviewer and under nbval.
 """
