@@ -50,8 +50,9 @@ from nbdist.engine._stacks import STACK_SIGNAL
 
 # The hub announces an engine only after its heart has been seen beating, about two heartbeat
 # periods after it registers: at ipyparallel's 3 s period that is 6 of a 6.6 s start. A 250 ms
-# period brings a 2-engine start to ~1.6 s, 100 ms saves ~0.3 s more. The tolerance stays 15 s (150 misses), so a busy
-# machine is not mistaken for dead engines; local engine deaths are seen from exit codes at once.
+# period brought a 2-engine start to ~1.6 s; 100 ms takes two periods' worth (0.3 s) off that wait.
+# The tolerance stays 15 s (150 misses), so a busy machine is not mistaken for dead engines;
+# local engine deaths are seen from exit codes at once.
 HEARTBEAT_ARGS = ["--HeartMonitor.period=100", "--HeartMonitor.max_heartmonitor_misses=150"]
 EXIT_SETTLE_SECONDS = 2.0  # how long an engine the controller dropped may take to be seen exiting
 
