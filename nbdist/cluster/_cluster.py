@@ -35,7 +35,6 @@ from nbdist.cluster._internals import (
     POOL_VARIABLE,
     client_controller_ip,
     end_engine_descendants,
-    engine_connection_file,
     forget_unsubmitted,
     launch_failure,
     owner_only,
@@ -49,10 +48,10 @@ from nbdist.engine._context import THREAD_VARIABLES
 from nbdist.engine._stacks import STACK_SIGNAL
 
 # The hub announces an engine only after its heart has been seen beating, about two heartbeat
-# periods after it registers: at ipyparallel's 3 s period that is 6 of a 6.6 s start; at 100 ms,
-# 0.2 s. The tolerance stays 15 s (150 misses), so a busy machine is not mistaken for dead
-# engines; local engine deaths are seen from exit codes at once.
-HEARTBEAT_ARGS = ["--HeartMonitor.period=100", "--HeartMonitor.max_heartmonitor_misses=150"]
+# periods after it registers: at ipyparallel's 3 s period that is 6 of a 6.6 s start. A 250 ms
+# period brings a 2-engine start to ~1.6 s. The tolerance stays 15 s (60 misses), so a busy
+# machine is not mistaken for dead engines; local engine deaths are seen from exit codes at once.
+HEARTBEAT_ARGS = ["--HeartMonitor.period=250", "--HeartMonitor.max_heartmonitor_misses=60"]
 EXIT_SETTLE_SECONDS = 2.0  # how long an engine the controller dropped may take to be seen exiting
 
 class EngineCluster:
@@ -136,16 +135,16 @@ class EngineCluster:
             if plan.remote:
                 # Engines elsewhere cannot watch this process: they watch the controller instead.
                 port = registration_port(cluster)
-                engine_cmd = guard.remote_command(engine_python(plan), self.controller_ip, port, "ipyparallel.engine")
+                engine_cmd = guard.remote_command(engine_python(plan), self.controller_ip, port,
+                                                  "ipyparallel.engine")
             else:
-                # The engines read the connection file themselves once it is whole (see the guard),
-                # so they start, and import, while the controller is still coming up.
-                connection = engine_connection_file(cluster)
-                engine_cmd = guard.command(os.getpid(), "ipyparallel.engine", cfg.preload, connection)
-                cluster.send_engines_connection_env = False
-            remote_dir = f"/tmp/{cluster.cluster_id}"
-            cluster.engine_launcher_class = engine_launcher_config(plan, cluster.config, engine_cmd, remote_dir)
+                engine_cmd = guard.command(os.getpid(), "ipyparallel.engine", cfg.preload)
+            cluster.engine_launcher_class = engine_launcher_config(
+                plan, cluster.config, engine_cmd, f"/tmp/{cluster.cluster_id}"
+            )
             if not plan.remote:
+                # Local engines wait for the controller's connection file themselves, so they
+                # start (and import) while the controller is still coming up.
                 self._start_engine_processes()
             self._client = cluster.connect_client_sync()
             tap(self._client)  # before any request, so no piece of output reaches the old handler

@@ -13,7 +13,6 @@ stops answering the engine ends too, even while a cell is stuck in a collective.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import runpy
 import select
@@ -81,51 +80,22 @@ def _preload(modules: list[str]) -> None:
             pass
 
 
-def _await_connection(path: str) -> None:
-    """Wait until the controller's connection file is whole, then hand it to the engine.
-
-    A local engine starts with the controller, not after it, so its imports overlap the
-    controller's start-up. The controller writes the file in place (not atomically), so a
-    read can catch it half written: only a file that parses counts. The owner's guard
-    ends this process if the controller never comes."""
-    while True:
-        try:
-            with open(path) as handle:
-                text = handle.read()
-            if "registration" in json.loads(text):
-                os.environ["IPP_CONNECTION_INFO"] = text  # read by ipyparallel's engine at start
-                return
-        except (OSError, ValueError):
-            pass
-        threading.Event().wait(0.01)
-
-
 def main(argv: list[str]) -> None:
     owner, module, rest = argv[1], argv[2], argv[3:]
     preload: list[str] = []
-    connection = None
-    while rest[:1] in (["--preload"], ["--connection"]):
-        if rest[0] == "--preload":
-            preload.append(rest[1])
-        else:
-            connection = rest[1]
+    while rest[:1] == ["--preload"]:
+        preload.append(rest[1])
         rest = rest[2:]
     threading.Thread(target=_exit_with_owner, args=(owner,), name="nbdist-guard", daemon=True).start()
     if preload:
         threading.Thread(target=_preload, args=(preload,), name="nbdist-preload", daemon=True).start()
-    if connection:
-        importlib.import_module(module)  # the engine's own imports, while the controller starts
-        _await_connection(connection)
     sys.argv = [module, *rest]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
-def command(owner: int, module: str, preload: tuple[str, ...] = (), connection: str | None = None) -> list[str]:
-    """The launch command for `module` guarded by `owner` (used as controller_cmd/engine_cmd);
-    with `connection`, the process starts before the controller and waits for that file."""
+def command(owner: int, module: str, preload: tuple[str, ...] = ()) -> list[str]:
+    """The launch command for `module` guarded by `owner` (used as controller_cmd/engine_cmd)."""
     extra = [arg for name in preload for arg in ("--preload", name)]
-    if connection:
-        extra += ["--connection", connection]
     return [sys.executable, "-m", "nbdist.cluster._guard", str(owner), module, *extra]
 
 

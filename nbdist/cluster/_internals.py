@@ -24,13 +24,8 @@ def owner_only(cluster: ipp.Cluster) -> None:
             os.chmod(os.path.join(folder, name), 0o600)
 
 
-def engine_connection_file(cluster: ipp.Cluster) -> str:
-    """Where the controller writes what engines need to reach it."""
-    return os.path.join(cluster.profile_dir, "security", f"ipcontroller-{cluster.cluster_id}-engine.json")
-
-
 def registration_port(cluster: ipp.Cluster) -> int:
-    path = engine_connection_file(cluster)
+    path = os.path.join(cluster.profile_dir, "security", f"ipcontroller-{cluster.cluster_id}-engine.json")
     deadline = time.monotonic() + 10
     while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.05)
