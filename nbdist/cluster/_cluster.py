@@ -23,6 +23,7 @@ import psutil
 from traitlets.config import Config
 
 from nbdist._errors import PoolStartError, PoolStateError
+from nbdist._interrupts import interrupt_flag
 from nbdist._net import LOOPBACK
 from nbdist._patience import patience, waited
 from nbdist._say import say
@@ -279,14 +280,15 @@ class EngineCluster:
         failure half-way would leave dead engines behind a pool that looks alive)."""
         started = time.monotonic()
         try:
-            self._replace_engines()
+            with interrupt_flag() as interrupted:
+                self._replace_engines()
+            if interrupted.is_set():  # raised inside ipyparallel's event loop, and lost there
+                raise KeyboardInterrupt
         except BaseException as exc:
             self.stop()
             how = "was interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed ({exc})"
-            raise PoolStateError(
-                f"starting fresh engines {how}: the pool is now stopped, with no engine or controller left "
-                "running. Start it again with `%nbdist start` (or Pool.start())."
-            ) from None
+            raise PoolStateError(f"starting fresh engines {how}: the pool is now stopped, with no engine or controller "
+                                 "left running. Start it again with `%nbdist start` (or Pool.start()).") from None
         return time.monotonic() - started
 
     def _replace_engines(self) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from nbdist._errors import DistributedCellError
+from nbdist._interrupts import interrupt_flag
 from nbdist._say import say
 from nbdist._wire import CellOutcome, remote_traceback, shown
 from nbdist.cluster import EngineExit, forget_outputs, published
@@ -23,7 +24,6 @@ from nbdist.engine._stacks import STACK_KEY_PREFIX
 from nbdist.kernel._contain import LOST_STATE, Ranks, settle
 from nbdist.kernel._debugger import DebugRelay
 from nbdist.kernel._history import History
-from nbdist.kernel._interrupts import interrupt_flag
 from nbdist.kernel._output import OutputStream
 from nbdist.kernel._store import MetricStore
 from nbdist.kernel._where import Where, parse

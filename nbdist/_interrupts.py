@@ -1,10 +1,11 @@
-"""An interrupt that is never lost while a cell runs.
+"""An interrupt that is never lost while a cell runs or a pool restarts.
 
 The kernel's interrupt raises KeyboardInterrupt in its main thread. If that happens while a
 finalizer runs there (an object's `__del__`, a weakref callback: ipyparallel and pyzmq objects
 are collected in the poll loop all the time), Python prints the exception and drops it, and
 the cell ran on as if nothing had been asked. The handler installed here also sets a flag the
-poll loop checks, so the interrupt is acted on either way.
+poll loop checks, so the interrupt is acted on either way. Starting engines has the same hole:
+ipyparallel's `*_sync` calls run an event loop that can swallow the KeyboardInterrupt.
 """
 
 from __future__ import annotations
