@@ -363,12 +363,8 @@ class EngineCluster:
                 for eid, rank in ids.items()}
 
     def interrupt(self, ranks: Sequence[int]) -> None:
-        """SIGINT to the engines of `ranks` (through their nanny, on any host)."""
-        for rank in ranks:
-            try:
-                self.client.send_signal(signal.SIGINT, targets=[self.engines[rank].engine_id], block=False)
-            except Exception:  # noqa: BLE001 - an engine that cannot be signalled is freed by recovery
-                pass
+        """SIGINT to the engines of `ranks`; one that cannot be signalled is freed by recovery."""
+        self._signal(ranks, signal.SIGINT)
 
     def scratch_file(self, kind: str) -> str:
         """A path no one has used, in a folder of this cluster's that only its owner can read;
@@ -378,16 +374,20 @@ class EngineCluster:
         return os.path.join(self._scratch, f"{kind}-{uuid.uuid4().hex[:12]}")
 
     def dump_stacks(self, ranks: Sequence[int]) -> None:
-        """Signal these ranks' engines to dump their stacks: directly where the process is
-        ours, through the engine's nanny elsewhere (it works while the engine is blocked)."""
+        """Signal these ranks' engines to dump their stacks (one that cannot: "stack not read")."""
+        self._signal(ranks, STACK_SIGNAL)
+
+    def _signal(self, ranks: Sequence[int], signum: int) -> None:
+        """Directly where the engine is our process (local engines have no nanny), through the
+        engine's nanny elsewhere; either works while the engine is blocked."""
         for rank in ranks:
             process = self._procs.get(rank)
             try:
                 if process is not None:
-                    process.send_signal(STACK_SIGNAL)
+                    process.send_signal(signum)
                 else:
-                    self.client.send_signal(STACK_SIGNAL, targets=[self.engines[rank].engine_id], block=False)
-            except Exception:  # noqa: BLE001 - a rank that cannot be asked shows as "stack not read"
+                    self.client.send_signal(signum, targets=[self.engines[rank].engine_id], block=False)
+            except Exception:  # noqa: BLE001, S110 - see the callers
                 pass
 
     def push(self, namespace: Mapping[str, Any]) -> None:
